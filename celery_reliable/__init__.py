@@ -1,0 +1,39 @@
+"""celery-reliable: make a Celery app hard to lose work in.
+
+Examples:
+    >>> import celery_reliable
+    >>> from celery_reliable import ReliableTask
+    >>> celery_reliable.install(app)
+    >>> @app.task(base=ReliableTask, bind=True, max_retries=5, autoretry_for=(IOError,))
+    ... def charge(self, account_id, amount): ...
+"""
+
+from __future__ import annotations
+
+from .config import Settings
+from .deadletter import DeadLetter, DeadLetterStore, Replayed
+from .errors import (
+    ConfigurationError,
+    DeadLetterNotFound,
+    PayloadTooLarge,
+    ReliableError,
+    UnknownTaskError,
+)
+from .install import install
+from .task import ReliableTask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "DeadLetter",
+    "DeadLetterNotFound",
+    "DeadLetterStore",
+    "PayloadTooLarge",
+    "ReliableError",
+    "ReliableTask",
+    "Replayed",
+    "Settings",
+    "UnknownTaskError",
+    "install",
+]

@@ -1,0 +1,150 @@
+"""Bad input on a reliable worker's queues is dead-lettered, and the worker keeps serving.
+
+Celery drops (or acks) a message it cannot decode, one with no task header, or one naming a
+task it does not know. This consumer bootstep wraps the consumer's handlers for those cases
+so the message is first written to the dead-letter store (reason ``malformed`` or
+``unknown_task``, with whatever could be read of it) and only then dropped by Celery.
+
+If the store cannot be written (Redis is down) the message is put back on the broker
+instead of being dropped, and the failure is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery import bootsteps
+
+from .deadletter import DeadLetter, DeadLetterStore, now
+from .task import exception_name
+
+logger = logging.getLogger(__name__)
+
+#: Longest part of an undecodable body kept in its dead letter, in bytes.
+MAX_BODY_BYTES = 64 * 1024
+
+
+def _text(body: Any) -> str | None:
+    if body is None:
+        return None
+    if isinstance(body, bytes | bytearray | memoryview):
+        raw = bytes(body)[:MAX_BODY_BYTES]
+        return raw.decode("utf-8", errors="replace")
+    return repr(body)[:MAX_BODY_BYTES]
+
+
+def _raw_bytes(message: Any) -> bytes:
+    body = getattr(message, "body", b"")
+    if isinstance(body, str):
+        return body.encode("utf-8", "replace")
+    return bytes(body or b"")
+
+
+def entry_for_message(
+    message: Any,
+    reason: str,
+    exc: BaseException | None,
+    hostname: str | None,
+    payload: Any = None,
+) -> DeadLetter:
+    """A dead letter describing a message that could not become a task."""
+    headers = message.headers if isinstance(getattr(message, "headers", None), dict) else {}
+    info = getattr(message, "delivery_info", None) or {}
+    task_id = headers.get("id")
+    if task_id is None and isinstance(payload, dict):
+        task_id = payload.get("id")
+    entry_id = str(task_id) if task_id else "msg-" + hashlib.sha1(_raw_bytes(message)).hexdigest()
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    body_text: str | None = None
+    if reason == "unknown_task":
+        try:
+            decoded = message.decode() if payload is None else payload
+            if isinstance(decoded, list | tuple) and len(decoded) >= 2:
+                args, kwargs = list(decoded[0]), dict(decoded[1])
+            elif isinstance(decoded, dict):
+                args, kwargs = list(decoded.get("args", ())), dict(decoded.get("kwargs", {}))
+        except Exception:
+            body_text = _text(getattr(message, "body", None))
+    else:
+        body_text = _text(getattr(message, "body", None))
+    custom = {k: v for k, v in headers.items() if k.startswith("x-")}
+    return DeadLetter(
+        id=entry_id,
+        task_id=str(task_id) if task_id else None,
+        task=headers.get("task") or (payload.get("task") if isinstance(payload, dict) else None),
+        args=args,
+        kwargs=kwargs,
+        queue=info.get("routing_key"),
+        reason=reason,
+        exception=exception_name(exc) if exc is not None else None,
+        error=str(exc) if exc is not None else "message has no task headers",
+        traceback=None,
+        retries=int(headers.get("retries") or 0),
+        hostname=hostname,
+        failed_at=now(),
+        exchange=info.get("exchange"),
+        routing_key=info.get("routing_key"),
+        priority=info.get("priority"),
+        headers=custom,
+        body=body_text,
+    )
+
+
+class BadInputStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: dead-letter undecodable, headerless and unknown-task messages.
+
+    The wrapping happens in ``__init__`` because ``Tasks.start`` binds ``on_decode_error``
+    into the task consumer and the event loop captures the other handlers when it starts.
+    """
+
+    label = "reliable-bad-input"
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.consumer = c
+        c.on_decode_error = self._wrap(c.on_decode_error, "malformed", _decode_args)
+        c.on_unknown_message = self._wrap(c.on_unknown_message, "malformed", _body_message_args)
+        c.on_unknown_task = self._wrap(c.on_unknown_task, "unknown_task", _body_message_exc_args)
+        c.on_invalid_task = self._wrap(c.on_invalid_task, "malformed", _body_message_exc_args)
+
+    def _wrap(
+        self,
+        original: Callable[..., Any],
+        reason: str,
+        unpack: Callable[..., tuple[Any, Any, BaseException | None]],
+    ) -> Callable[..., Any]:
+        def handler(*args: Any) -> Any:
+            message, payload, exc = unpack(*args)
+            try:
+                entry = entry_for_message(message, reason, exc, self.consumer.hostname, payload)
+                DeadLetterStore(self.consumer.app).add(entry)
+            except Exception:
+                logger.exception(
+                    "Could not dead-letter a %s message; putting it back on the broker", reason
+                )
+                try:
+                    message.reject(requeue=True)
+                except Exception:
+                    logger.exception("Could not requeue the message either")
+                return None
+            return original(*args)
+
+        return handler
+
+
+def _decode_args(message: Any, exc: BaseException) -> tuple[Any, Any, BaseException | None]:
+    return message, None, exc
+
+
+def _body_message_args(body: Any, message: Any) -> tuple[Any, Any, BaseException | None]:
+    return message, body, None
+
+
+def _body_message_exc_args(
+    body: Any, message: Any, exc: BaseException
+) -> tuple[Any, Any, BaseException | None]:
+    return message, body, exc

@@ -1,0 +1,324 @@
+"""The dead-letter store: failed-for-good tasks, kept in Redis to list, show, replay, purge.
+
+A dead letter is written BEFORE its message is acknowledged, and writes are idempotent by
+id (the task id), so a worker killed between the write and the ack leaves exactly one
+entry. Capacity is bounded by ``reliable_dead_letter_max`` and ``reliable_dead_letter_ttl``;
+entries dropped by either are counted in the store's stats and logged, never silently.
+
+Keys (one ``{dlq}`` hash tag, so every script runs on Redis Cluster too):
+``<prefix>:{dlq}:entries`` (HASH id -> JSON), ``<prefix>:{dlq}:index`` (ZSET by failed_at),
+``<prefix>:{dlq}:tasks`` (HASH id -> task name), ``<prefix>:{dlq}:stats`` (HASH counters).
+
+Examples:
+    >>> dlq = DeadLetterStore.for_app(app)
+    >>> [e.id for e in dlq.list(task="shop.charge", limit=10)]
+    >>> dlq.replay(["4c1f..."])
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+from .errors import DeadLetterNotFound, UnknownTaskError
+from .store import RedisStore, store_for
+
+logger = logging.getLogger(__name__)
+
+#: Reasons a task is dead-lettered (DESIGN.md).
+REASONS = (
+    "max_retries",
+    "dead_letter_for",
+    "orphaned",
+    "unknown_task",
+    "malformed",
+    "payload_too_large",
+    "time_limit",
+)
+#: Header set on a replayed task: the id of the dead letter it came from.
+REPLAYED_FROM_HEADER = "x-reliable-replayed-from"
+#: Headers of ours that must not be copied into a replay (it is a new task).
+INTERNAL_HEADER_PREFIX = "x-reliable-"
+#: Most entries one add may evict (retention work is amortised over adds).
+EVICTIONS_PER_ADD = 1000
+#: Ids fetched per Redis call while listing or purging.
+PAGE_SIZE = 500
+#: Longest traceback kept, in characters (the tail is kept: it names the failing line).
+MAX_TRACEBACK_CHARS = 20_000
+
+
+@dataclass
+class DeadLetter:
+    """One failed-for-good task, with everything needed to inspect and replay it.
+
+    Parameters:
+      id: the entry id (the task id; unique in the store).
+      task_id: the failed task's id.
+      task: the task name.
+      args, kwargs: the task's arguments.
+      queue: the queue it was consumed from (its routing key).
+      reason: one of :data:`REASONS`.
+      exception: the exception's type name (``module.Class``).
+      error: the exception's message.
+      traceback: the formatted traceback.
+      retries: how many times it had been retried.
+      hostname: the worker node that gave up on it.
+      failed_at: Unix seconds.
+      exchange, routing_key, priority: routing to replay it where it came from.
+      headers: the task's custom headers (replayed with it).
+      body: for ``malformed`` messages, whatever could be read of the raw body.
+      replayed_from: the dead-letter id this task was itself replayed from, if any.
+    """
+
+    id: str
+    task_id: str | None
+    task: str | None
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    queue: str | None = None
+    reason: str = "max_retries"
+    exception: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    retries: int = 0
+    hostname: str | None = None
+    failed_at: float = 0.0
+    exchange: str | None = None
+    routing_key: str | None = None
+    priority: int | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    body: str | None = None
+    replayed_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=repr, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DeadLetter:
+        data = json.loads(text)
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The outcome of replaying one dead letter."""
+
+    entry_id: str
+    task: str
+    new_task_id: str
+    sent: bool
+
+
+class DeadLetterStore:
+    """List, show, add, replay and purge dead letters (the CLI is a thin layer over this).
+
+    Parameters:
+      app: the Celery app (used to publish replays and check task names).
+      store: its Redis store (default: the app's).
+    """
+
+    def __init__(self, app: Any, store: RedisStore | None = None) -> None:
+        self.app = app
+        self.store = store if store is not None else store_for(app)
+        self.settings = self.store.settings
+        k = self.store.key
+        self.entries_key = k("{dlq}", "entries")
+        self.index_key = k("{dlq}", "index")
+        self.tasks_key = k("{dlq}", "tasks")
+        self.stats_key = k("{dlq}", "stats")
+
+    @classmethod
+    def for_app(cls, app: Any) -> DeadLetterStore:
+        return cls(app)
+
+    # --- writing ---
+
+    def add(self, entry: DeadLetter) -> bool:
+        """Store ``entry`` unless its id is already stored. True when it was added."""
+        if entry.traceback and len(entry.traceback) > MAX_TRACEBACK_CHARS:
+            entry.traceback = "...\n" + entry.traceback[-MAX_TRACEBACK_CHARS:]
+        added, expired, dropped = self.store.run(
+            "dlq_add",
+            keys=[self.entries_key, self.index_key, self.tasks_key, self.stats_key],
+            args=[
+                entry.id,
+                entry.to_json(),
+                repr(entry.failed_at),
+                entry.task or "",
+                self.settings.dead_letter_max,
+                self.settings.dead_letter_ttl,
+                EVICTIONS_PER_ADD,
+            ],
+        )
+        if expired or dropped:
+            logger.warning(
+                "dead-letter store: %d entries expired (older than reliable_dead_letter_ttl), "
+                "%d dropped (over reliable_dead_letter_max=%d)",
+                expired,
+                dropped,
+                self.settings.dead_letter_max,
+            )
+        if added:
+            logger.error(
+                "Dead-lettered %s[%s] (%s): %s: %s",
+                entry.task,
+                entry.task_id,
+                entry.reason,
+                entry.exception,
+                entry.error,
+            )
+        return bool(added)
+
+    # --- reading ---
+
+    def count(self) -> int:
+        return int(self.store.client.zcard(self.index_key))
+
+    def stats(self) -> dict[str, int]:
+        """Counters: ``added``, ``expired``, ``dropped``, and the current ``count``."""
+        raw = self.store.client.hgetall(self.stats_key)
+        out = {name: int(raw.get(name, 0)) for name in ("added", "expired", "dropped")}
+        out["count"] = self.count()
+        return out
+
+    def get(self, entry_id: str) -> DeadLetter:
+        raw = self.store.client.hget(self.entries_key, entry_id)
+        if raw is None:
+            raise DeadLetterNotFound(entry_id)
+        return DeadLetter.from_json(cast(str, raw))
+
+    def ids(self, task: str | None = None, limit: int | None = None) -> Iterator[str]:
+        """Ids, newest first, optionally only of task ``task``."""
+        client = self.store.client
+        start, yielded = 0, 0
+        while limit is None or yielded < limit:
+            page = cast(
+                builtins.list[str], client.zrevrange(self.index_key, start, start + PAGE_SIZE - 1)
+            )
+            if not page:
+                return
+            start += len(page)
+            if task is not None:
+                names = client.hmget(self.tasks_key, page)
+                page = [i for i, n in zip(page, names, strict=True) if n == task]
+            for entry_id in page:
+                yield entry_id
+                yielded += 1
+                if limit is not None and yielded >= limit:
+                    return
+
+    def list(self, task: str | None = None, limit: int | None = 50) -> builtins.list[DeadLetter]:
+        """Dead letters, newest first."""
+        ids = list(self.ids(task=task, limit=limit))
+        if not ids:
+            return []
+        raws = self.store.client.hmget(self.entries_key, ids)
+        return [DeadLetter.from_json(cast(str, r)) for r in raws if r is not None]
+
+    # --- removing ---
+
+    def remove(self, ids: Iterable[str]) -> int:
+        """Delete entries by id; returns how many existed."""
+        removed = 0
+        batch: builtins.list[str] = []
+        for entry_id in ids:
+            batch.append(entry_id)
+            if len(batch) >= PAGE_SIZE:
+                removed += self._remove_batch(batch)
+                batch = []
+        if batch:
+            removed += self._remove_batch(batch)
+        return removed
+
+    def _remove_batch(self, ids: builtins.list[str]) -> int:
+        return int(
+            self.store.run(
+                "dlq_remove", keys=[self.entries_key, self.index_key, self.tasks_key], args=ids
+            )
+        )
+
+    def purge(self, ids: Iterable[str] = (), *, all: bool = False, task: str | None = None) -> int:
+        """Delete the given ids, every entry (``all``), or every entry of ``task``."""
+        if all:
+            return self.remove(list(self.ids()))
+        if task is not None:
+            return self.remove(list(self.ids(task=task)))
+        return self.remove(ids)
+
+    # --- replaying ---
+
+    def select(
+        self, ids: Iterable[str] = (), *, all: bool = False, task: str | None = None
+    ) -> builtins.list[str]:
+        """The ids a replay or purge with these arguments would touch."""
+        if all:
+            return list(self.ids())
+        if task is not None:
+            return list(self.ids(task=task))
+        return list(ids)
+
+    def replay(
+        self,
+        ids: Iterable[str] = (),
+        *,
+        all: bool = False,
+        task: str | None = None,
+        dry_run: bool = False,
+    ) -> builtins.list[Replayed]:
+        """Re-publish entries as new tasks, then remove each one whose publish succeeded.
+
+        The new task has the same name, arguments, custom headers and route, a new id and
+        the header ``x-reliable-replayed-from: <entry id>``. Entries of tasks the app does
+        not know are refused with :class:`UnknownTaskError` before anything is sent.
+
+        Raises:
+            DeadLetterNotFound: an explicit id is not in the store.
+            UnknownTaskError: an entry names a task that is not registered.
+        """
+        entries = [self.get(i) for i in self.select(ids, all=all, task=task)]
+        self.app.loader.import_default_modules()
+        for entry in entries:
+            if not entry.task or entry.task not in self.app.tasks:
+                raise UnknownTaskError(entry.task or "<none>")
+        results = []
+        for entry in entries:
+            new_id = str(uuid.uuid4())
+            if not dry_run:
+                self._publish(entry, new_id)
+                self.remove([entry.id])
+            results.append(Replayed(entry.id, entry.task or "", new_id, not dry_run))
+        return results
+
+    def _publish(self, entry: DeadLetter, new_id: str) -> None:
+        headers = {
+            k: v
+            for k, v in (entry.headers or {}).items()
+            if not k.startswith(INTERNAL_HEADER_PREFIX)
+        }
+        headers[REPLAYED_FROM_HEADER] = entry.id
+        options: dict[str, Any] = {"task_id": new_id, "headers": headers}
+        if entry.routing_key is not None:
+            options["routing_key"] = entry.routing_key
+            if entry.exchange is not None:
+                options["exchange"] = entry.exchange
+        elif entry.queue:
+            options["queue"] = entry.queue
+        if entry.priority is not None:
+            options["priority"] = entry.priority
+        self.app.send_task(entry.task, args=entry.args, kwargs=entry.kwargs, **options)
+        logger.info("Replayed dead letter %s as %s[%s]", entry.id, entry.task, new_id)
+
+
+def now() -> float:
+    """Unix seconds (a seam for the clock, kept in one place)."""
+    return time.time()

@@ -1,0 +1,73 @@
+"""The points where reliability features hook into a ReliableTask's life.
+
+Each feature (ordering, admission control, the in-flight ledger...) is a
+:class:`TaskExtension` registered by :func:`celery_reliable.install`. ReliableTask calls, in
+the pool process that runs the task:
+
+- ``before_start(task, args, kwargs)`` in registration order, before the body. Raising
+  :class:`Deferred` means "do not run it now": the extension has already arranged for the
+  task to come back (the message is then acknowledged, no retry is counted, no result is
+  stored) and ``after_return`` is not called for extensions after it.
+- ``after_return(task, outcome)`` in reverse order, after the body and after the dead-letter
+  write, before the message is acknowledged.
+
+Extensions must decide cheaply per task (``applies``) so tasks that use no feature pay
+nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from celery.exceptions import Ignore
+
+if TYPE_CHECKING:
+    from .task import ReliableTask
+
+#: How a run ended: the body returned, asked to retry, failed for good (dead-lettered
+#: when the task allows it), or was ignored/rejected by the body itself.
+OutcomeKind = Literal["succeeded", "retry", "failed", "ignored"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The end of one run of a task, passed to ``after_return``."""
+
+    kind: OutcomeKind
+    exc: BaseException | None = None
+    dead_lettered: bool = False
+
+
+class Deferred(Ignore):
+    """Raised by an extension's ``before_start`` when the task must not run now.
+
+    It is an :class:`celery.exceptions.Ignore`: Celery acknowledges the message and stores
+    no state. The extension that raises it has already made the task come back (re-published
+    it with a delay, parked it in Redis...), so nothing is lost.
+    """
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        self.reason = reason
+        self.delay = delay
+        super().__init__(reason)
+
+
+class TaskExtension(Protocol):
+    """A reliability feature that acts around each run of a ReliableTask."""
+
+    name: str
+
+    def applies(self, task: ReliableTask) -> bool:
+        """Whether this task uses the feature (called once per task class and process)."""
+        ...
+
+    def before_start(
+        self, task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Run before the body; raise :class:`Deferred` to not run it now."""
+        ...
+
+    def after_return(self, task: ReliableTask, outcome: Outcome) -> None:
+        """Run after the body (and the dead-letter write), before the ack."""
+        ...

@@ -1,0 +1,3 @@
+"""Imports every feature module so each registers its installer with ``install``."""
+
+from __future__ import annotations

@@ -1,0 +1,46 @@
+-- Add one dead letter, idempotently, and enforce retention.
+--
+-- KEYS[1] entries  HASH  id -> entry JSON
+-- KEYS[2] index    ZSET  id scored by failed_at (Unix seconds)
+-- KEYS[3] tasks    HASH  id -> task name (filtering without decoding entries)
+-- KEYS[4] stats    HASH  added / expired / dropped counters
+-- ARGV[1] id, ARGV[2] entry JSON, ARGV[3] failed_at, ARGV[4] task name
+-- ARGV[5] max entries, ARGV[6] ttl seconds, ARGV[7] most evictions per call
+--
+-- Returns {added (0 when the id was already stored), expired now, dropped now}.
+-- Eviction is bounded per call so one add never blocks Redis; the rest is trimmed
+-- by later adds.
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return {0, 0, 0}
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+redis.call('HINCRBY', KEYS[4], 'added', 1)
+
+local budget = tonumber(ARGV[7])
+local function evict(ids, counter)
+  for _, id in ipairs(ids) do
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('HDEL', KEYS[3], id)
+    redis.call('ZREM', KEYS[2], id)
+  end
+  if #ids > 0 then
+    redis.call('HINCRBY', KEYS[4], counter, #ids)
+  end
+  budget = budget - #ids
+  return #ids
+end
+
+local now = redis.call('TIME')
+local cutoff = tonumber(now[1]) - tonumber(ARGV[6])
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. cutoff, 'LIMIT', 0, budget)
+local expired = evict(old, 'expired')
+
+local dropped = 0
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
+if excess > 0 and budget > 0 then
+  local popped = redis.call('ZRANGE', KEYS[2], 0, math.min(excess, budget) - 1)
+  dropped = evict(popped, 'dropped')
+end
+return {1, expired, dropped}

@@ -1,0 +1,254 @@
+"""ReliableTask: the Task base class that turns the reliability features on.
+
+Examples:
+    >>> @app.task(base=ReliableTask, bind=True, max_retries=5, autoretry_for=(IOError,),
+    ...           dead_letter_for=(ValueError,))
+    ... def charge(self, account_id, amount): ...
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback as tb_module
+from typing import Any, ClassVar
+
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
+from kombu.serialization import dumps
+
+from .deadletter import DeadLetter, DeadLetterStore, now
+from .errors import PayloadTooLarge
+from .extensions import Deferred, Outcome, TaskExtension
+from .install import extensions_of, settings_of
+
+logger = logging.getLogger(__name__)
+
+
+def exception_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+
+
+class ReliableTask(Task):  # type: ignore[misc]
+    """A Celery Task that is hard to lose.
+
+    Defaults to ``acks_late`` and ``reject_on_worker_lost``: the message is acknowledged
+    only after the task ended. When it fails for good (retries exhausted, or an exception
+    in ``dead_letter_for``) it is written to the dead-letter store before the ack.
+
+    Parameters (task options, set in ``@app.task(...)``):
+      dead_letter: store failed-for-good runs in the dead-letter store (default True).
+      dead_letter_for: exception types that skip retries and are dead-lettered at once.
+      ordering_key, ordering_group: per-key ordering (see docs/ordering.md).
+      global_rate_limit, global_rate_burst, global_rate_key: a cluster-wide token bucket.
+      breaker, breaker_fail_max, breaker_reset_timeout, breaker_exclude: a shared breaker.
+    """
+
+    abstract = True
+    acks_late = True
+    reject_on_worker_lost = True
+
+    dead_letter: bool = True
+    dead_letter_for: tuple[type[BaseException], ...] = ()
+    ordering_key: Any = None
+    ordering_group: str | None = None
+    global_rate_limit: str | None = None
+    global_rate_burst: int | None = None
+    global_rate_key: Any = None
+    breaker: str | None = None
+    breaker_fail_max: int = 5
+    breaker_reset_timeout: float = 30.0
+    breaker_exclude: tuple[type[BaseException], ...] = ()
+
+    #: Extensions in effect for this task class, resolved on first run in a process.
+    _reliable_extensions: ClassVar[list[TaskExtension] | None] = None
+
+    # --- publishing ---
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, *a: Any, **options: Any) -> Any:
+        """Publish, refusing payloads over ``reliable_max_payload_bytes``.
+
+        Raises:
+            PayloadTooLarge: the serialized arguments are too large; nothing was sent.
+        """
+        if not self.app.conf.task_always_eager:
+            self.check_payload_size(args, kwargs, options.get("serializer"))
+        return super().apply_async(args, kwargs, *a, **options)
+
+    def check_payload_size(self, args: Any, kwargs: Any, serializer: str | None = None) -> int:
+        """Serialized size of ``(args, kwargs)``; raise PayloadTooLarge over the limit."""
+        limit = settings_of(self.app).max_payload_bytes
+        body: tuple[Any, ...] = (tuple(args or ()), dict(kwargs or {}), {})
+        _, _, data = dumps(body, serializer=serializer or self.serializer)
+        size = len(data)
+        if size > limit:
+            raise PayloadTooLarge(self.name, size, limit)
+        return size
+
+    # --- running ---
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly or request.is_eager:
+            return super().__call__(*args, **kwargs)
+        extensions = self._extensions()
+        started: list[TaskExtension] = []
+        try:
+            for ext in extensions:
+                ext.before_start(self, args, kwargs)
+                started.append(ext)
+        except Deferred:
+            self._finish(started, Outcome("ignored"))
+            raise
+        except BaseException as exc:
+            self._finish(started, Outcome("failed", exc))
+            raise
+        try:
+            result = super().__call__(*args, **kwargs)
+        except Retry as exc:
+            self._finish(started, Outcome("retry", exc))
+            raise
+        except (Ignore, Reject) as exc:
+            self._finish(started, Outcome("ignored", exc))
+            raise
+        except Exception as exc:
+            try:
+                dead_lettered = self._dead_letter_failure(exc)
+            except Reject:
+                self._finish(started, Outcome("ignored", exc))
+                raise
+            self._finish(started, Outcome("failed", exc, dead_lettered))
+            raise
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt: the run was cut short
+            self._finish(started, Outcome("ignored", exc))
+            raise
+        self._finish(started, Outcome("succeeded"))
+        return result
+
+    def _extensions(self) -> list[TaskExtension]:
+        cls = type(self)
+        if cls.__dict__.get("_reliable_extensions") is None:
+            cls._reliable_extensions = [e for e in extensions_of(self.app) if e.applies(self)]
+        return cls._reliable_extensions or []
+
+    def _finish(self, started: list[TaskExtension], outcome: Outcome) -> None:
+        for ext in reversed(started):
+            try:
+                ext.after_return(self, outcome)
+            except Exception:
+                logger.exception(
+                    "celery_reliable: %s.after_return failed for %s[%s]",
+                    ext.name,
+                    self.name,
+                    self.request.id,
+                )
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: Any = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's retry, except that ``dead_letter_for`` exceptions are not retried and a
+        retry whose publish fails puts the message back instead of dropping it."""
+        if (
+            exc is not None
+            and self.dead_letter_for
+            and isinstance(exc, tuple(self.dead_letter_for))
+        ):
+            raise exc
+        try:
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        except Reject as rej:
+            if self.request.is_eager:
+                raise
+            # Celery turns a failed retry publish into Reject(requeue=False), which drops the
+            # message. With acks_late, requeue it instead: the task runs again later.
+            logger.error(
+                "Retry of %s[%s] could not be published (%r); requeueing the message",
+                self.name,
+                self.request.id,
+                rej.reason,
+            )
+            raise Reject(rej.reason, requeue=True) from None
+
+    # --- dead letters ---
+
+    def _dead_letter_failure(self, exc: BaseException) -> bool:
+        """Write a failed-for-good run to the store. Raises Reject(requeue) if it cannot."""
+        if not self.dead_letter:
+            return False
+        reason = (
+            "dead_letter_for" if isinstance(exc, tuple(self.dead_letter_for)) else "max_retries"
+        )
+        entry = self.dead_letter_entry(exc, reason, tb_module.format_exc())
+        try:
+            DeadLetterStore(self.app).add(entry)
+        except Exception as store_exc:
+            # Never ack a failure we could not record: put the message back for later.
+            logger.error(
+                "Could not write dead letter for %s[%s] (%r); requeueing the message",
+                self.name,
+                self.request.id,
+                store_exc,
+            )
+            raise Reject(store_exc, requeue=True) from exc
+        return True
+
+    def dead_letter_entry(
+        self, exc: BaseException, reason: str, traceback: str | None
+    ) -> DeadLetter:
+        """A dead letter for the current request."""
+        request = self.request
+        info = request.delivery_info or {}
+        return DeadLetter(
+            id=request.id,
+            task_id=request.id,
+            task=self.name,
+            args=list(request.args or ()),
+            kwargs=dict(request.kwargs or {}),
+            queue=info.get("routing_key"),
+            reason=reason,
+            exception=exception_name(exc),
+            error=str(exc),
+            traceback=traceback,
+            retries=int(request.retries or 0),
+            hostname=request.hostname,
+            failed_at=now(),
+            exchange=info.get("exchange"),
+            routing_key=info.get("routing_key"),
+            priority=info.get("priority"),
+            headers=dict(request.headers or {}),
+            replayed_from=(request.headers or {}).get("x-reliable-replayed-from"),
+        )
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        """Dead-letter hard time limits, which Celery reports in the worker's main process
+        (the pool process was killed, so ``__call__`` never saw the failure)."""
+        if isinstance(exc, TimeLimitExceeded) and self.dead_letter and self.request.id != task_id:
+            entry = DeadLetter(
+                id=task_id,
+                task_id=task_id,
+                task=self.name,
+                args=list(args or ()),
+                kwargs=dict(kwargs or {}),
+                reason="time_limit",
+                exception=exception_name(exc),
+                error=str(exc),
+                traceback=getattr(einfo, "traceback", None),
+                failed_at=now(),
+            )
+            try:
+                DeadLetterStore(self.app).add(entry)
+            except Exception:
+                logger.exception("Could not write dead letter for %s[%s]", self.name, task_id)
+        super().on_failure(exc, task_id, args, kwargs, einfo)

@@ -1,0 +1,364 @@
+"""Test helpers and a pytest plugin: real Redis servers and real ``celery worker`` processes.
+
+Loaded by pytest automatically (``pytest11`` entry point) when celery-reliable is
+installed; it only defines fixtures, so it costs nothing until one is requested.
+
+- :class:`RedisServer`: a private ``redis-server`` on a free port, which a test can kill,
+  restart or stop, and which never touches data it did not make.
+- :class:`WorkerProcess`: a real ``celery worker`` subprocess (prefork by default) in its own
+  process group, so ``kill -9`` takes the whole worker; its log is kept in a file.
+- :func:`wait_for`: poll a condition with a deadline, never a fixed sleep.
+- Fixtures: ``reliable_redis_server`` (session), ``reliable_worker_factory`` (function;
+  every worker it started is killed at teardown), ``reliable_dead_letters`` (read a store).
+
+Examples:
+    >>> def test_charge_dead_letters(reliable_redis_server, reliable_worker_factory):
+    ...     worker = reliable_worker_factory("myproj.celery:app", env={...})
+    ...     worker.wait_ready()
+    ...     charge.delay(1, 2)
+    ...     wait_for(lambda: DeadLetterStore(app).count() == 1, timeout=20)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+#: Seconds a helper waits for a process to come up or go away, unless told otherwise.
+DEFAULT_TIMEOUT = 30.0
+#: Seconds between polls in :func:`wait_for`.
+POLL_INTERVAL = 0.05
+#: The line Celery logs when a worker is consuming.
+READY_MARKER = " ready."
+
+
+class WaitTimeout(AssertionError):
+    """A condition did not hold before its deadline."""
+
+
+def wait_for(
+    condition: Callable[[], T],
+    timeout: float = DEFAULT_TIMEOUT,
+    interval: float = POLL_INTERVAL,
+    message: str | Callable[[], str] = "condition",
+) -> T:
+    """Poll ``condition`` until it returns something truthy; return that, or raise WaitTimeout.
+
+    ``message`` (or a callable producing it, evaluated on timeout) describes what was
+    awaited, so a failing test says what it was waiting for.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise WaitTimeout(f"timed out after {timeout:.1f}s waiting for {text}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private ``redis-server`` on 127.0.0.1 and a free port, in a temp directory.
+
+    Parameters:
+      port: the port (default: a free one; kept across restarts).
+      binary: the ``redis-server`` executable.
+
+    Examples:
+        >>> server = RedisServer().start()
+        >>> server.url(1)
+        'redis://127.0.0.1:50123/1'
+        >>> server.kill(); server.start()
+    """
+
+    def __init__(self, port: int | None = None, binary: str = "redis-server") -> None:
+        path = shutil.which(binary)
+        if path is None:
+            raise RuntimeError(f"{binary} not found on PATH (apt-get install redis-server)")
+        self.binary = path
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="reliable-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout: float = DEFAULT_TIMEOUT) -> RedisServer:
+        """Start (or restart) the server and wait until it answers PING."""
+        if self.running:
+            return self
+        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--protected-mode",
+                "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        wait_for(self.ping, timeout, message=f"redis-server on port {self.port} to answer")
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """``kill -9`` the server (a crash: everything in memory is gone)."""
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        """Stop the server gracefully."""
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(DEFAULT_TIMEOUT)
+        self.proc = None
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class WorkerProcess:
+    """A real ``celery worker`` subprocess in its own process group.
+
+    Parameters:
+      app: the ``-A`` argument (``module:app``).
+      name: node name (``name@%h``).
+      queues: queues to consume (``-Q``).
+      concurrency: pool processes.
+      pool: the pool (``prefork`` by default, the one users run).
+      env: extra environment variables.
+      args: extra command-line arguments.
+      cwd: working directory (default: the current one).
+    """
+
+    def __init__(
+        self,
+        app: str,
+        *,
+        name: str = "w1",
+        queues: Sequence[str] = (),
+        concurrency: int = 2,
+        pool: str = "prefork",
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        cwd: str | os.PathLike[str] | None = None,
+        loglevel: str = "INFO",
+        log_dir: Path | None = None,
+    ) -> None:
+        self.app = app
+        self.name = name
+        self.queues = list(queues)
+        self.concurrency = concurrency
+        self.pool = pool
+        self.env = dict(env or {})
+        self.args = list(args)
+        self.cwd = cwd
+        self.loglevel = loglevel
+        self.log_path = (log_dir or Path(tempfile.mkdtemp(prefix="reliable-worker-"))) / (
+            f"{name}-{os.getpid()}-{time.monotonic_ns()}.log"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def nodename(self) -> str:
+        return f"{self.name}@{socket.gethostname()}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            self.app,
+            "worker",
+            "-P",
+            self.pool,
+            "-c",
+            str(self.concurrency),
+            "-n",
+            f"{self.name}@%h",
+            "-l",
+            self.loglevel,
+            "--without-mingle",
+            "--without-gossip",
+        ]
+        if self.queues:
+            cmd += ["-Q", ",".join(self.queues)]
+        return cmd + self.args
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        log = open(self.log_path, "ab")  # noqa: SIM115 (closed with the process)
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "worker not started"
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT) -> WorkerProcess:
+        """Wait until the worker logs that it is consuming."""
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"worker {self.name} exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
+                )
+            return READY_MARKER in self.log()
+
+        wait_for(ready, timeout, message=lambda: f"worker {self.name} ready:\n{self.log()[-3000:]}")
+        return self
+
+    def wait_log(self, text: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        wait_for(
+            lambda: text in self.log(),
+            timeout,
+            message=lambda: f"{text!r} in {self.name}'s log:\n{self.log()[-3000:]}",
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        """``kill -9`` the whole worker: main process and every pool process."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(DEFAULT_TIMEOUT)
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the main process only (as a platform's SIGTERM does)."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def terminate(self) -> None:
+        self.signal(signal.SIGTERM)
+
+    def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """Wait for the main process to exit; return its exit code."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise WaitTimeout(
+                f"worker {self.name} still running after {timeout}s:\n{self.log()[-3000:]}"
+            ) from None
+
+    def close(self) -> None:
+        """Kill the whole process group if anything of it is left."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(DEFAULT_TIMEOUT)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def reliable_redis_server() -> Iterator[RedisServer]:
+    """A private redis-server for the test session (restartable, killable)."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def reliable_worker_factory(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real ``celery worker`` processes; all are killed at teardown.
+
+    Call it like :class:`WorkerProcess` (``factory("proj:app", name="w1", env={...})``);
+    the worker is started and returned (call ``wait_ready()`` on it).
+    """
+    workers: list[WorkerProcess] = []
+
+    def start(app: str, **kwargs: Any) -> WorkerProcess:
+        kwargs.setdefault("log_dir", tmp_path)
+        worker = WorkerProcess(app, **kwargs).start()
+        workers.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+@pytest.fixture
+def reliable_dead_letters() -> Callable[[Any], list[Any]]:
+    """A function ``(app) -> [DeadLetter, ...]`` listing every dead letter of ``app``."""
+    from .deadletter import DeadLetterStore
+
+    def read(app: Any) -> list[Any]:
+        return DeadLetterStore(app).list(limit=None)
+
+    return read
