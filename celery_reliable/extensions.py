@@ -4,10 +4,11 @@ Each feature (ordering, admission control, the in-flight ledger...) is a
 :class:`TaskExtension` registered by :func:`celery_reliable.install`. ReliableTask calls, in
 the pool process that runs the task:
 
-- ``before_start(task, args, kwargs)`` in registration order, before the body. Raising
+- ``before_start(task, args, kwargs)`` in ``order``, before the body. Raising
   :class:`Deferred` means "do not run it now": the extension has already arranged for the
   task to come back (the message is then acknowledged, no retry is counted, no result is
-  stored) and ``after_return`` is not called for extensions after it.
+  stored); extensions that already started get ``after_return`` with kind ``deferred``,
+  the others get nothing.
 - ``after_return(task, outcome)`` in reverse order, after the body and after the dead-letter
   write, before the message is acknowledged.
 
@@ -26,8 +27,16 @@ if TYPE_CHECKING:
     from .task import ReliableTask
 
 #: How a run ended: the body returned, asked to retry, failed for good (dead-lettered
-#: when the task allows it), or was ignored/rejected by the body itself.
-OutcomeKind = Literal["succeeded", "retry", "failed", "ignored"]
+#: when the task allows it), was ignored/rejected by the body itself (or cut short by
+#: SystemExit), or never ran because an extension deferred it (``Deferred``).
+OutcomeKind = Literal["succeeded", "retry", "failed", "ignored", "deferred"]
+
+#: ``TaskExtension.order`` of the built-in features: lower runs ``before_start`` first
+#: (and ``after_return`` last). Ordering decides the turn before admission control spends
+#: a token, and the in-flight ledger is written only for runs that will really start.
+ORDER_ORDERING = 10
+ORDER_ADMISSION = 20
+ORDER_LEDGER = 30
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,8 @@ class TaskExtension(Protocol):
     """A reliability feature that acts around each run of a ReliableTask."""
 
     name: str
+    #: Position among extensions (see ``ORDER_*``); lower runs ``before_start`` first.
+    order: int
 
     def applies(self, task: ReliableTask) -> bool:
         """Whether this task uses the feature (called once per task class and process)."""

@@ -64,6 +64,7 @@ def add_extension(app: Any, extension: TaskExtension) -> None:
         setattr(app, _EXTENSIONS_ATTR, current)
     if all(e.name != extension.name for e in current):
         current.append(extension)
+        current.sort(key=lambda e: e.order)
 
 
 class SettingsStep(bootsteps.Step):  # type: ignore[misc]

@@ -99,8 +99,8 @@ class ReliableTask(Task):  # type: ignore[misc]
             for ext in extensions:
                 ext.before_start(self, args, kwargs)
                 started.append(ext)
-        except Deferred:
-            self._finish(started, Outcome("ignored"))
+        except Deferred as exc:
+            self._finish(started, Outcome("deferred", exc))
             raise
         except BaseException as exc:
             self._finish(started, Outcome("failed", exc))
