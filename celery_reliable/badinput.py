@@ -5,6 +5,21 @@ task it does not know. This consumer bootstep wraps the consumer's handlers for 
 so the message is first written to the dead-letter store (reason ``malformed`` or
 ``unknown_task``, with whatever could be read of it) and only then dropped by Celery.
 
+What Celery 5.7 does with each kind of bad input (protocol 2), and where we catch it:
+
+- headers that are not a mapping: ``on_unknown_message`` (reject).
+- no ``task`` header: the body is decoded in the consumer; if that fails,
+  ``on_decode_error`` (ack), else ``on_unknown_message`` (reject).
+- a ``task`` header and a body that is not valid JSON: the strategy reads
+  ``message.payload``, which raises ``DecodeError``: ``on_decode_error`` (ack).
+- an unregistered task name: ``on_unknown_task`` (reject).
+- ``InvalidTaskError`` / ``ContentDisallowed``: ``on_invalid_task`` (reject).
+- valid JSON that is not ``[args, kwargs, embed]`` (``{"x": 1}``): ``Request.__init__``
+  raises ``ValueError``/``TypeError``, which no handler catches; the worker dies with
+  "Unrecoverable error" and the message is redelivered to the next worker (a poison
+  message). We guard the consumer's message callback so such a message is dead-lettered
+  (``malformed``) and dropped instead.
+
 If the store cannot be written (Redis is down) the message is put back on the broker
 instead of being dropped, and the failure is logged.
 """
@@ -98,7 +113,11 @@ class BadInputStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Consumer step: dead-letter undecodable, headerless and unknown-task messages.
 
     The wrapping happens in ``__init__`` because ``Tasks.start`` binds ``on_decode_error``
-    into the task consumer and the event loop captures the other handlers when it starts.
+    into the task consumer and the event loop captures the other handlers (and calls
+    ``create_task_handler``) when it starts.
+
+    Costs nothing per good message: one ``try`` around Celery's callback. Each bad message
+    costs one Redis round trip (the ``dlq_add`` script) in the worker's main process.
     """
 
     label = "reliable-bad-input"
@@ -110,6 +129,25 @@ class BadInputStep(bootsteps.StartStopStep):  # type: ignore[misc]
         c.on_unknown_message = self._wrap(c.on_unknown_message, "malformed", _body_message_args)
         c.on_unknown_task = self._wrap(c.on_unknown_task, "unknown_task", _body_message_exc_args)
         c.on_invalid_task = self._wrap(c.on_invalid_task, "malformed", _body_message_exc_args)
+        c.create_task_handler = self._guard(c.create_task_handler)
+
+    def _dead_letter(
+        self, message: Any, reason: str, exc: BaseException | None, payload: Any
+    ) -> bool:
+        """Write the dead letter; on failure put the message back and return False."""
+        try:
+            entry = entry_for_message(message, reason, exc, self.consumer.hostname, payload)
+            DeadLetterStore(self.consumer.app).add(entry)
+        except Exception:
+            logger.exception(
+                "Could not dead-letter a %s message; putting it back on the broker", reason
+            )
+            try:
+                message.reject(requeue=True)
+            except Exception:
+                logger.exception("Could not requeue the message either")
+            return False
+        return True
 
     def _wrap(
         self,
@@ -119,21 +157,45 @@ class BadInputStep(bootsteps.StartStopStep):  # type: ignore[misc]
     ) -> Callable[..., Any]:
         def handler(*args: Any) -> Any:
             message, payload, exc = unpack(*args)
-            try:
-                entry = entry_for_message(message, reason, exc, self.consumer.hostname, payload)
-                DeadLetterStore(self.consumer.app).add(entry)
-            except Exception:
-                logger.exception(
-                    "Could not dead-letter a %s message; putting it back on the broker", reason
-                )
-                try:
-                    message.reject(requeue=True)
-                except Exception:
-                    logger.exception("Could not requeue the message either")
+            if not self._dead_letter(message, reason, exc, payload):
                 return None
             return original(*args)
 
         return handler
+
+    def _guard(self, create_task_handler: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap the consumer's message callback: an exception Celery does not handle
+        (it would stop the worker) dead-letters the message as ``malformed`` instead."""
+
+        def create(*args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+            on_task_received = create_task_handler(*args, **kwargs)
+            passthrough = tuple(self.consumer.connection_errors or ()) + tuple(
+                self.consumer.channel_errors or ()
+            )
+
+            def guarded(message: Any) -> Any:
+                try:
+                    return on_task_received(message)
+                except passthrough:
+                    raise  # the consumer restarts its connection on these
+                except Exception as exc:
+                    if getattr(message, "acknowledged", True):
+                        raise
+                    logger.error(
+                        "Message %r could not become a task (%r); dead-lettering it",
+                        (message.headers or {}).get("id")
+                        if isinstance(message.headers, dict)
+                        else None,
+                        exc,
+                        exc_info=True,
+                    )
+                    if self._dead_letter(message, "malformed", exc, None):
+                        message.reject_log_error(logger, passthrough)
+                    return None
+
+            return guarded
+
+        return create
 
 
 def _decode_args(message: Any, exc: BaseException) -> tuple[Any, Any, BaseException | None]:

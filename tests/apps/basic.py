@@ -92,7 +92,40 @@ def build(app: Celery) -> Celery:
         record(app, self, "started", x=x)
         raise PermanentError(f"pause then fail {x}")
 
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="basic.until_fixed",
+        dead_letter_for=(PermanentError,),
+    )
+    def until_fixed(self: Any, key: str, n: int = 0) -> str:
+        """Fails for good until the Redis flag ``<prefix>:test:fixed:<key>`` is set (the
+        dead-letter/replay tests set it, then replay)."""
+        replayed_from = (self.request.headers or {}).get("x-reliable-replayed-from")
+        record(app, self, "started", key=key, n=n, replayed_from=replayed_from)
+        if not recorder(app).exists(fixed_key(app, key)):
+            raise PermanentError(f"{key} is not fixed yet")
+        record(app, self, "succeeded", key=key, n=n, replayed_from=replayed_from)
+        return key
+
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
+        name="basic.fail_quietly",
+        dead_letter_for=(PermanentError,),
+    )
+    def fail_quietly(self: Any, x: int) -> None:
+        """Fails for good without touching Redis itself (for Redis-outage tests)."""
+        raise PermanentError(f"quiet failure {x}")
+
     return app
+
+
+def fixed_key(app: Celery, key: str) -> str:
+    """The flag that makes ``basic.until_fixed(key)`` succeed."""
+    return f"{app.conf.reliable_key_prefix}:test:fixed:{key}"
 
 
 # The worker's app (`celery -A tests.apps.basic:app`), built only where a test configured

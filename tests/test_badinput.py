@@ -1,0 +1,121 @@
+"""Guarantee 7 (bad input): undecodable, headerless and unknown-task messages on a reliable
+worker's queue are dead-lettered (``malformed`` / ``unknown_task``) and the worker keeps
+serving. Messages are published raw with kombu, as a buggy or foreign producer would."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from kombu import Connection
+
+from celery_reliable import DeadLetterStore, UnknownTaskError
+from celery_reliable.testing import wait_for
+from tests.apps import basic
+from tests.apps.common import events
+
+
+def publish_raw(ns: Any, body: bytes, headers: dict[str, Any] | None, **props: Any) -> None:
+    """Put one message on the test's queue through kombu, bypassing Celery."""
+    options = {"global_keyprefix": ns.broker_keyprefix}
+    with Connection(ns.broker_url, transport_options=options) as conn:
+        conn.Producer().publish(
+            body,
+            exchange="",
+            routing_key=ns.queue,
+            headers=headers,
+            content_type=props.pop("content_type", "application/json"),
+            content_encoding="utf-8",
+            **props,
+        )
+
+
+def v2_headers(task: str, task_id: str) -> dict[str, Any]:
+    """The headers Celery's protocol 2 puts on a task message."""
+    return {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "timelimit": [None, None],
+        "argsrepr": "",
+        "kwargsrepr": "",
+        "origin": "test",
+        "x-tenant": "acme",
+    }
+
+
+def test_bad_messages_are_dead_lettered_and_the_worker_keeps_serving(ns, start_worker):
+    app = ns.app(basic.build)
+    worker = start_worker("basic")
+    store = DeadLetterStore(app)
+
+    # 1. valid Celery v2 headers, a body that is not JSON (decoded in the consumer: DecodeError)
+    bad_json_id = str(uuid.uuid4())
+    publish_raw(ns, b"{not json at all", v2_headers("basic.ok", bad_json_id))
+    # 2. no task headers, a JSON body that is no task either
+    publish_raw(ns, json.dumps({"hello": "world"}).encode(), {})
+    # 3. no task headers and a body that does not even decode
+    publish_raw(ns, b"\xff\xfe garbage", {"x-source": "legacy"})
+    # 4. a well-formed task message naming a task nobody registered
+    unknown = app.send_task("basic.not_registered", args=[1, "a"], kwargs={"k": 2})
+
+    wait_for(lambda: store.count() == 4, 30, message=lambda: f"4 dead letters:\n{worker.log()}")
+    entries = {e.id: e for e in store.list(limit=None)}
+
+    bad_json = entries.pop(bad_json_id)
+    assert bad_json.reason == "malformed"
+    assert bad_json.task == "basic.ok" and bad_json.task_id == bad_json_id
+    assert bad_json.body == "{not json at all"
+    assert bad_json.queue == ns.queue
+    assert bad_json.headers == {"x-tenant": "acme"}
+    assert bad_json.exception and "DecodeError" in bad_json.exception
+    assert bad_json.hostname == worker.nodename
+
+    unknown_entry = entries.pop(unknown.id)
+    assert unknown_entry.reason == "unknown_task"
+    assert unknown_entry.task == "basic.not_registered"
+    assert unknown_entry.args == [1, "a"] and unknown_entry.kwargs == {"k": 2}
+    assert unknown_entry.queue == ns.queue
+
+    # the two headerless messages have no task id: their ids are derived from the body
+    rest = sorted(entries.values(), key=lambda e: e.body or "")
+    assert [e.reason for e in rest] == ["malformed", "malformed"]
+    assert all(e.id.startswith("msg-") and e.task is None for e in rest)
+    assert {e.body for e in rest} == {'{"hello": "world"}', "\ufffd\ufffd garbage"}
+    assert any(e.headers == {"x-source": "legacy"} for e in rest)
+
+    # the same worker still runs a normal task
+    ok = app.tasks["basic.ok"].delay(1)
+    wait_for(lambda: [e["id"] for e in events(app, "succeeded")] == [ok.id], 20)
+    assert worker.alive
+
+    # replaying the unknown task is refused, and the entry stays
+    try:
+        store.replay([unknown.id])
+    except UnknownTaskError as exc:
+        assert "basic.not_registered" in str(exc)
+    else:
+        raise AssertionError("replay of an unknown task was not refused")
+    assert store.get(unknown.id).reason == "unknown_task"
+
+
+def test_json_body_that_is_not_a_task_body_is_dead_lettered(ns, start_worker):
+    """Valid JSON that is not ``[args, kwargs, embed]`` passes the consumer and fails to
+    unpack in the pool process, outside the task: it is still dead-lettered, not dropped."""
+    app = ns.app(basic.build)
+    worker = start_worker("basic")
+    store = DeadLetterStore(app)
+    task_id = str(uuid.uuid4())
+    publish_raw(ns, json.dumps({"x": 1}).encode(), v2_headers("basic.ok", task_id))
+    wait_for(lambda: store.count() == 1, 30, message=lambda: f"a dead letter:\n{worker.log()}")
+    entry = store.get(task_id)
+    assert entry.reason == "malformed" and entry.task == "basic.ok"
+    ok = app.tasks["basic.ok"].delay(2)
+    wait_for(lambda: [e["id"] for e in events(app, "succeeded")] == [ok.id], 20)
