@@ -13,6 +13,7 @@ Examples:
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -99,23 +100,36 @@ class Settings:
             ConfigurationError: naming the first invalid setting.
         """
         env = os.environ if environ is None else environ
-        known = {CONF_PREFIX + f.name for f in fields(cls)}
-        for name in sorted(k for k in app.conf if str(k).startswith(CONF_PREFIX)):
-            if name not in known:
-                raise ConfigurationError(name, "unknown setting (a typo?)")
+        known = {f.name for f in fields(cls)}
+        for name in sorted(str(k) for k in app.conf if str(k).startswith(CONF_PREFIX)):
+            if name[len(CONF_PREFIX) :] not in known:
+                raise ConfigurationError(name, f"unknown setting (a typo?){_hint(name, known)}")
+        for name in sorted(k for k in env if k.startswith(ENV_PREFIX)):
+            if name[len(ENV_PREFIX) :].lower() not in known:
+                setting = CONF_PREFIX + name[len(ENV_PREFIX) :].lower()
+                raise ConfigurationError(
+                    setting,
+                    f"unknown setting in environment variable {name} (a typo?)"
+                    + _hint(setting, known),
+                )
         values: dict[str, Any] = {}
         for f in fields(cls):
             conf_name = CONF_PREFIX + f.name
             env_name = ENV_PREFIX + f.name.upper()
-            if env.get(env_name, "") != "":
-                raw, source = env[env_name], env_name
-            else:
-                raw, source = app.conf.get(conf_name), conf_name
+            from_env = env.get(env_name, "") != ""
+            raw = env[env_name] if from_env else app.conf.get(conf_name)
             if raw is None:
                 if f.name == "redis_url":
                     values[f.name] = default_redis_url(app)
                 continue
-            values[f.name] = _CONVERTERS[f.name](source, raw)
+            try:
+                values[f.name] = _CONVERTERS[f.name](conf_name, raw)
+            except ConfigurationError as exc:
+                if not from_env:
+                    raise
+                raise ConfigurationError(
+                    conf_name, f"{exc.problem} (from environment variable {env_name})"
+                ) from None
         settings = cls(**values)
         settings.validate()
         return settings
@@ -129,6 +143,12 @@ class Settings:
                 f"({self.worker_timeout} <= {self.heartbeat_interval}); "
                 "otherwise live workers would be declared dead",
             )
+
+
+def _hint(name: str, known: set[str]) -> str:
+    """``; did you mean reliable_x?`` for the closest known setting, if one is close."""
+    close = difflib.get_close_matches(name[len(CONF_PREFIX) :], sorted(known), n=1)
+    return f"; did you mean {CONF_PREFIX}{close[0]}?" if close else ""
 
 
 def default_redis_url(app: Any) -> str:
