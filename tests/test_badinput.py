@@ -14,6 +14,7 @@ from celery_reliable import DeadLetterStore, UnknownTaskError
 from celery_reliable.testing import wait_for
 from tests.apps import basic
 from tests.apps.common import events
+from tests.test_dlq_cli import cli
 
 
 def publish_raw(ns: Any, body: bytes, headers: dict[str, Any] | None, **props: Any) -> None:
@@ -103,6 +104,10 @@ def test_bad_messages_are_dead_lettered_and_the_worker_keeps_serving(ns, start_w
         assert "basic.not_registered" in str(exc)
     else:
         raise AssertionError("replay of an unknown task was not refused")
+    assert store.get(unknown.id).reason == "unknown_task"
+    refused = cli(ns, "replay", unknown.id)
+    assert refused.returncode == 1
+    assert "'basic.not_registered' is not registered" in refused.stderr
     assert store.get(unknown.id).reason == "unknown_task"
 
 
