@@ -9,14 +9,15 @@ installed; it only defines fixtures, so it costs nothing until one is requested.
   process group, so ``kill -9`` takes the whole worker; its log is kept in a file.
 - :func:`wait_for`: poll a condition with a deadline, never a fixed sleep.
 - Fixtures: ``reliable_redis_server`` (session), ``reliable_worker_factory`` (function;
-  every worker it started is killed at teardown), ``reliable_dead_letters`` (read a store).
+  every worker it started is killed at teardown), ``reliable_dead_letters`` (a
+  :class:`DeadLetterProbe`: list, wait for and assert on an app's dead letters).
 
 Examples:
-    >>> def test_charge_dead_letters(reliable_redis_server, reliable_worker_factory):
+    >>> def test_charge_dead_letters(reliable_worker_factory, reliable_dead_letters):
     ...     worker = reliable_worker_factory("myproj.celery:app", env={...})
     ...     worker.wait_ready()
-    ...     charge.delay(1, 2)
-    ...     wait_for(lambda: DeadLetterStore(app).count() == 1, timeout=20)
+    ...     result = charge.delay(1, 2)
+    ...     entry = reliable_dead_letters.wait(app, result.id, reason="max_retries")
 """
 
 from __future__ import annotations
@@ -353,12 +354,69 @@ def reliable_worker_factory(tmp_path: Path) -> Iterator[Callable[..., WorkerProc
             worker.close()
 
 
-@pytest.fixture
-def reliable_dead_letters() -> Callable[[Any], list[Any]]:
-    """A function ``(app) -> [DeadLetter, ...]`` listing every dead letter of ``app``."""
-    from .deadletter import DeadLetterStore
+class DeadLetterProbe:
+    """Read and wait on an app's dead letters in a test (the ``reliable_dead_letters``
+    fixture). Calling it lists every dead letter, newest first.
 
-    def read(app: Any) -> list[Any]:
+    Examples:
+        >>> def test_bad_charge(reliable_dead_letters):
+        ...     result = charge.delay(-1)
+        ...     entry = reliable_dead_letters.wait(app, result.id, reason="dead_letter_for")
+        ...     assert entry.exception == "shop.InvalidAmount"
+        ...     assert reliable_dead_letters(app) == [entry]
+    """
+
+    def __call__(self, app: Any) -> list[Any]:
+        from .deadletter import DeadLetterStore
+
         return DeadLetterStore(app).list(limit=None)
 
-    return read
+    def wait(
+        self,
+        app: Any,
+        task_id: str,
+        reason: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Any:
+        """Wait until task ``task_id`` is dead-lettered; return its ``DeadLetter``.
+
+        Raises:
+            WaitTimeout: it was not dead-lettered in time (the message lists what was).
+            AssertionError: it was, but with another ``reason``.
+        """
+        from .deadletter import DeadLetterStore
+        from .errors import DeadLetterNotFound
+
+        store = DeadLetterStore(app)
+
+        def find() -> Any:
+            try:
+                return store.get(task_id)
+            except DeadLetterNotFound:
+                return None
+
+        entry = wait_for(
+            find,
+            timeout,
+            message=lambda: f"dead letter {task_id}; stored: {[e.id for e in self(app)]}",
+        )
+        if reason is not None and entry.reason != reason:
+            raise AssertionError(
+                f"dead letter {task_id} has reason {entry.reason!r}, not {reason!r}: "
+                f"{entry.exception}: {entry.error}"
+            )
+        return entry
+
+    def assert_none(self, app: Any) -> None:
+        """Fail listing what is there if ``app`` has any dead letter."""
+        entries = self(app)
+        if entries:
+            lines = [f"{e.id} {e.task} {e.reason}: {e.exception}: {e.error}" for e in entries]
+            raise AssertionError("unexpected dead letters:\n" + "\n".join(lines))
+
+
+@pytest.fixture
+def reliable_dead_letters() -> DeadLetterProbe:
+    """A :class:`DeadLetterProbe`: ``reliable_dead_letters(app)`` lists every dead letter;
+    ``.wait(app, task_id, reason=...)`` waits for one; ``.assert_none(app)``."""
+    return DeadLetterProbe()

@@ -156,21 +156,27 @@ def test_replay_and_purge_from_the_cli(ns, start_worker):
     assert store.count() == 0
 
 
-def test_replay_runs_the_task_again_with_a_new_id_and_removes_the_entry(ns, start_worker):
+def test_replay_runs_the_task_again_with_a_new_id_and_removes_the_entry(
+    ns, start_worker, reliable_dead_letters
+):
     app = ns.app(basic.build)
     start_worker("basic")
     store = DeadLetterStore(app)
     first = app.tasks["basic.until_fixed"].apply_async(("x",), headers={"x-tenant": "t1"})
-    wait_for(lambda: store.count() == 1, 30, message="the dead letter")
+    entry = reliable_dead_letters.wait(app, first.id, reason="dead_letter_for")
+    assert entry.headers == {"x-tenant": "t1"}
+    with pytest.raises(AssertionError, match="reason 'dead_letter_for', not 'max_retries'"):
+        reliable_dead_letters.wait(app, first.id, reason="max_retries", timeout=1)
     recorder(app).set(basic.fixed_key(app, "x"), 1)
 
     (done,) = store.replay([first.id])
     assert done.entry_id == first.id and done.sent and done.new_task_id != first.id
-    assert store.count() == 0
+    reliable_dead_letters.assert_none(app)
     wait_for(lambda: events(app, "succeeded"), 30, message="the replayed run")
     (ok,) = events(app, "succeeded")
     assert ok["id"] == done.new_task_id
     assert ok["replayed_from"] == first.id
+    assert ok["tenant"] == "t1"  # custom headers travel with the replay
     # exactly two runs in all: the failed original and the replay
     assert [ev["id"] for ev in events(app, "started")] == [first.id, done.new_task_id]
     assert store.stats()["added"] == 1

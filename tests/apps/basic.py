@@ -102,11 +102,13 @@ def build(app: Celery) -> Celery:
     def until_fixed(self: Any, key: str, n: int = 0) -> str:
         """Fails for good until the Redis flag ``<prefix>:test:fixed:<key>`` is set (the
         dead-letter/replay tests set it, then replay)."""
-        replayed_from = (self.request.headers or {}).get("x-reliable-replayed-from")
-        record(app, self, "started", key=key, n=n, replayed_from=replayed_from)
+        headers = self.request.headers or {}
+        seen = {"replayed_from": headers.get("x-reliable-replayed-from")}
+        seen["tenant"] = headers.get("x-tenant")
+        record(app, self, "started", key=key, n=n, **seen)
         if not recorder(app).exists(fixed_key(app, key)):
             raise PermanentError(f"{key} is not fixed yet")
-        record(app, self, "succeeded", key=key, n=n, replayed_from=replayed_from)
+        record(app, self, "succeeded", key=key, n=n, **seen)
         return key
 
     @app.task(
