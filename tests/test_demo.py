@@ -1,0 +1,29 @@
+"""The README's first command, ``bash examples/demo.sh``, runs end to end and exits 0."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_demo_runs_end_to_end():
+    env = {**os.environ, "RELIABLE_VENV": str(Path(sys.executable).parent.parent)}
+    done = subprocess.run(
+        ["bash", "examples/demo.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert "2 shipped, 1 dead-lettered" in out
+    assert "dead_letter_for" in out and "SKU 'lamp' is not in the catalog" in out
+    assert "1 replayed" in out
+    assert "shipped order-2: lamp (replayed from dead letter" in out
+    assert "3 shipped, 0 dead-lettered" in out and out.rstrip().endswith("stopped")
