@@ -8,7 +8,7 @@ order again and it ships.
 
 Run it (``examples/demo.sh`` does all of this for you)::
 
-    export SHOP_BROKER_URL=redis://127.0.0.1:6379/0
+    export SHOP_BROKER_URL=redis://127.0.0.1:6379/0   # or amqp://..., with SHOP_REDIS_URL
     celery -A examples.shop:app worker -l INFO
     python -m examples.shop place          # three orders, one for an unknown SKU
     celery -A examples.shop:app reliable dlq list
@@ -31,8 +31,12 @@ from celery import Celery
 import celery_reliable
 from celery_reliable import DeadLetterStore, ReliableTask
 
-#: The broker (and, by default, the store celery-reliable keeps its state in).
+#: The broker: Redis (the demo) or RabbitMQ (docker-compose.yml).
 BROKER_URL = os.environ.get("SHOP_BROKER_URL", "redis://127.0.0.1:6379/0")
+#: The Redis that holds the shop's catalog and celery-reliable's state (dead letters...).
+REDIS_URL = os.environ.get("SHOP_REDIS_URL", BROKER_URL)
+#: The queue the shop's tasks go to.
+QUEUE = os.environ.get("SHOP_QUEUE", "shop")
 #: Catalog of known SKUs (a Redis SET) and the list of shipped order ids.
 CATALOG_KEY = "shop:catalog"
 SHIPPED_KEY = "shop:shipped"
@@ -42,7 +46,8 @@ INITIAL_CATALOG = ("mug", "teapot")
 
 app = Celery("shop", broker=BROKER_URL)
 app.conf.update(
-    task_default_queue="shop",
+    task_default_queue=QUEUE,
+    reliable_redis_url=REDIS_URL,
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
 )
@@ -58,7 +63,7 @@ class WarehouseBusy(IOError):
 
 
 def db() -> redis.Redis:
-    return redis.Redis.from_url(BROKER_URL, decode_responses=True)
+    return redis.Redis.from_url(REDIS_URL, decode_responses=True)
 
 
 @app.task(
