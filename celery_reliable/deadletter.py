@@ -265,7 +265,7 @@ class DeadLetterStore:
             return list(self.ids())
         if task is not None:
             return list(self.ids(task=task))
-        return list(ids)
+        return list(dict.fromkeys(ids))  # an id given twice is replayed once
 
     def replay(
         self,

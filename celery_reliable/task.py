@@ -169,6 +169,11 @@ class ReliableTask(Task):  # type: ignore[misc]
         except Reject as rej:
             if self.request.is_eager:
                 raise
+            if isinstance(rej.reason, PayloadTooLarge):
+                # Requeueing would fail the same way forever (the arguments came in through
+                # send_task or an older, larger limit): fail for good, which dead-letters
+                # the task with reason payload_too_large.
+                raise rej.reason from None
             # Celery turns a failed retry publish into Reject(requeue=False), which drops the
             # message. With acks_late, requeue it instead: the task runs again later.
             logger.error(
@@ -185,9 +190,12 @@ class ReliableTask(Task):  # type: ignore[misc]
         """Write a failed-for-good run to the store. Raises Reject(requeue) if it cannot."""
         if not self.dead_letter:
             return False
-        reason = (
-            "dead_letter_for" if isinstance(exc, tuple(self.dead_letter_for)) else "max_retries"
-        )
+        if isinstance(exc, PayloadTooLarge):
+            reason = "payload_too_large"
+        elif isinstance(exc, tuple(self.dead_letter_for)):
+            reason = "dead_letter_for"
+        else:
+            reason = "max_retries"
         entry = self.dead_letter_entry(exc, reason, tb_module.format_exc())
         try:
             DeadLetterStore(self.app).add(entry)
