@@ -207,3 +207,19 @@ def test_replay_that_cannot_publish_keeps_the_entry(ns, start_worker):
     with pytest.raises(OperationalError, match="Connection refused"):
         DeadLetterStore(offline).replay([failed.id])
     assert store.get(failed.id).task == "basic.permanent"
+
+
+def test_unreachable_store_is_one_clear_error(ns):
+    down = f"redis://:secret@127.0.0.1:{free_port()}/1"
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.apps.basic:app", "reliable", "dlq", "list"],
+        env={**os.environ, **ns.env(CR_REDIS_URL=down)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "Error: dead-letter store at redis://:**@127.0.0.1:" in done.stderr
+    assert "Connection refused" in done.stderr
+    assert "secret" not in done.stderr and "Traceback" not in done.stderr

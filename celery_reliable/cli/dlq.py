@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
+import redis
 from celery.bin.base import CeleryCommand
+from kombu.exceptions import OperationalError
+from kombu.utils.url import maybe_sanitize_url
 
 from ..deadletter import DeadLetter, DeadLetterStore
 from ..errors import DeadLetterNotFound, UnknownTaskError
@@ -16,6 +21,29 @@ from .group import app_of, emit_json
 DEFAULT_LIST_LIMIT = 50
 #: Characters of the error message shown per row in ``dlq list``.
 ERROR_COLUMN_WIDTH = 60
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _clear_errors(command: F) -> F:
+    """Turn Redis and broker errors into one line on stderr and exit code 1."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except redis.RedisError as exc:
+            ctx = click.get_current_context()
+            url = maybe_sanitize_url(_store(ctx).settings.redis_url)
+            raise click.ClickException(f"dead-letter store at {url}: {exc}") from None
+        except OperationalError as exc:
+            raise click.ClickException(
+                f"could not publish to the broker: {exc}; "
+                "entries that were not replayed are still in the store"
+            ) from None
+
+    return run  # type: ignore[return-value]
 
 
 @click.group(name="dlq")
@@ -42,6 +70,7 @@ def _selection(ids: tuple[str, ...], all_: bool, task: str | None) -> None:
 @click.option("--limit", default=DEFAULT_LIST_LIMIT, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list.")
 @click.pass_context
+@_clear_errors
 def list_(ctx: click.Context, task: str | None, limit: int, as_json: bool, **kwargs: Any) -> None:
     """Dead letters, newest first."""
     store = _store(ctx)
@@ -77,6 +106,7 @@ def _show_text(e: DeadLetter) -> None:
 @click.argument("entry_id")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
+@_clear_errors
 def show(ctx: click.Context, entry_id: str, as_json: bool, **kwargs: Any) -> None:
     """One dead letter, whole."""
     try:
@@ -96,6 +126,7 @@ def show(ctx: click.Context, entry_id: str, as_json: bool, **kwargs: Any) -> Non
 @click.option("--dry-run", is_flag=True, help="Say what would be replayed; send nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
+@_clear_errors
 def replay(
     ctx: click.Context,
     ids: tuple[str, ...],
@@ -135,6 +166,7 @@ def replay(
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
+@_clear_errors
 def purge(
     ctx: click.Context,
     ids: tuple[str, ...],
