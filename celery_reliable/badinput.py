@@ -58,6 +58,44 @@ def _raw_bytes(message: Any) -> bytes:
     return bytes(body or b"")
 
 
+def _str(value: Any) -> str | None:
+    """A header value as text (None stays None): headers of bad input can hold anything."""
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else repr(value)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def raw_entry(
+    message: Any, reason: str, exc: BaseException | None, hostname: str | None
+) -> DeadLetter:
+    """The least a dead letter can hold: the raw body, where it came from, the error.
+
+    Used when even reading the message's headers failed, so that nothing is dropped.
+    """
+    info = getattr(message, "delivery_info", None)
+    info = info if isinstance(info, dict) else {}
+    return DeadLetter(
+        id="msg-" + hashlib.sha1(_raw_bytes(message)).hexdigest(),
+        task_id=None,
+        task=None,
+        queue=_str(info.get("routing_key")),
+        reason=reason,
+        exception=exception_name(exc) if exc is not None else None,
+        error=repr(exc) if exc is not None else None,
+        hostname=hostname,
+        failed_at=now(),
+        routing_key=_str(info.get("routing_key")),
+        body=_text(getattr(message, "body", None)),
+    )
+
+
 def entry_for_message(
     message: Any,
     reason: str,
@@ -71,7 +109,8 @@ def entry_for_message(
     task_id = headers.get("id")
     if task_id is None and isinstance(payload, dict):
         task_id = payload.get("id")
-    entry_id = str(task_id) if task_id else "msg-" + hashlib.sha1(_raw_bytes(message)).hexdigest()
+    task_id = _str(task_id)
+    entry_id = task_id or "msg-" + hashlib.sha1(_raw_bytes(message)).hexdigest()
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     body_text: str | None = None
@@ -86,19 +125,21 @@ def entry_for_message(
             body_text = _text(getattr(message, "body", None))
     else:
         body_text = _text(getattr(message, "body", None))
-    custom = {k: v for k, v in headers.items() if k.startswith("x-")}
+    custom = {k: v for k, v in headers.items() if isinstance(k, str) and k.startswith("x-")}
     return DeadLetter(
         id=entry_id,
-        task_id=str(task_id) if task_id else None,
-        task=headers.get("task") or (payload.get("task") if isinstance(payload, dict) else None),
+        task_id=task_id,
+        task=_str(
+            headers.get("task") or (payload.get("task") if isinstance(payload, dict) else None)
+        ),
         args=args,
         kwargs=kwargs,
-        queue=info.get("routing_key"),
+        queue=_str(info.get("routing_key")),
         reason=reason,
         exception=exception_name(exc) if exc is not None else None,
         error=str(exc) if exc is not None else "message has no task headers",
         traceback=None,
-        retries=int(headers.get("retries") or 0),
+        retries=_int(headers.get("retries")),
         hostname=hostname,
         failed_at=now(),
         exchange=info.get("exchange"),
@@ -135,8 +176,13 @@ class BadInputStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self, message: Any, reason: str, exc: BaseException | None, payload: Any
     ) -> bool:
         """Write the dead letter; on failure put the message back and return False."""
+        hostname = self.consumer.hostname
         try:
-            entry = entry_for_message(message, reason, exc, self.consumer.hostname, payload)
+            entry = entry_for_message(message, reason, exc, hostname, payload)
+        except Exception as read_exc:
+            logger.exception("Could not read a %s message; dead-lettering its raw body", reason)
+            entry = raw_entry(message, reason, exc or read_exc, hostname)
+        try:
             DeadLetterStore(self.consumer.app).add(entry)
         except Exception:
             logger.exception(

@@ -66,9 +66,21 @@ def test_bad_messages_are_dead_lettered_and_the_worker_keeps_serving(ns, start_w
     publish_raw(ns, b"\xff\xfe garbage", {"x-source": "legacy"})
     # 4. a well-formed task message naming a task nobody registered
     unknown = app.send_task("basic.not_registered", args=[1, "a"], kwargs={"k": 2})
+    # 5. headers of the wrong types: an unknown task with retries "abc", a task name that is
+    #    a list (Celery's strategy lookup raises TypeError on it)
+    odd_retries = str(uuid.uuid4())
+    headers = {**v2_headers("basic.gone", odd_retries), "retries": "abc"}
+    publish_raw(ns, json.dumps([[], {}, {}]).encode(), headers)
+    odd_name = str(uuid.uuid4())
+    headers = {**v2_headers("basic.ok", odd_name), "task": ["basic", "ok"]}
+    publish_raw(ns, json.dumps([[], {}, {}]).encode(), headers)
 
-    wait_for(lambda: store.count() == 4, 30, message=lambda: f"4 dead letters:\n{worker.log()}")
+    wait_for(lambda: store.count() == 6, 30, message=lambda: f"6 dead letters:\n{worker.log()}")
     entries = {e.id: e for e in store.list(limit=None)}
+    odd = entries.pop(odd_retries)
+    assert (odd.reason, odd.task, odd.retries) == ("unknown_task", "basic.gone", 0)
+    odd = entries.pop(odd_name)
+    assert (odd.reason, odd.task) == ("malformed", "['basic', 'ok']")
 
     bad_json = entries.pop(bad_json_id)
     assert bad_json.reason == "malformed"
