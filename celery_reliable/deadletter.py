@@ -144,17 +144,39 @@ class DeadLetterStore:
     # --- writing ---
 
     def add(self, entry: DeadLetter) -> bool:
-        """Store ``entry`` unless its id is already stored. True when it was added."""
+        """Store ``entry`` unless its id is already stored. True when it was added.
+
+        Also enforces retention (see :meth:`trim`), in the same script call.
+        """
         if entry.traceback and len(entry.traceback) > MAX_TRACEBACK_CHARS:
             entry.traceback = "...\n" + entry.traceback[-MAX_TRACEBACK_CHARS:]
+        added = self._add_script(entry.id, entry.to_json(), repr(entry.failed_at), entry.task)
+        if added:
+            logger.error(
+                "Dead-lettered %s[%s] (%s): %s: %s",
+                entry.task,
+                entry.task_id,
+                entry.reason,
+                entry.exception,
+                entry.error,
+            )
+        return added
+
+    def trim(self) -> None:
+        """Drop entries past ``reliable_dead_letter_ttl`` and ``reliable_dead_letter_max``
+        now (counted and logged), without adding one. ``list`` and ``stats`` call it, so an
+        idle store does not show entries older than its retention."""
+        self._add_script("", "", "0", None)
+
+    def _add_script(self, entry_id: str, data: str, failed_at: str, task: str | None) -> bool:
         added, expired, dropped = self.store.run(
             "dlq_add",
             keys=[self.entries_key, self.index_key, self.tasks_key, self.stats_key],
             args=[
-                entry.id,
-                entry.to_json(),
-                repr(entry.failed_at),
-                entry.task or "",
+                entry_id,
+                data,
+                failed_at,
+                task or "",
                 self.settings.dead_letter_max,
                 self.settings.dead_letter_ttl,
                 EVICTIONS_PER_ADD,
@@ -168,15 +190,6 @@ class DeadLetterStore:
                 dropped,
                 self.settings.dead_letter_max,
             )
-        if added:
-            logger.error(
-                "Dead-lettered %s[%s] (%s): %s: %s",
-                entry.task,
-                entry.task_id,
-                entry.reason,
-                entry.exception,
-                entry.error,
-            )
         return bool(added)
 
     # --- reading ---
@@ -186,6 +199,7 @@ class DeadLetterStore:
 
     def stats(self) -> dict[str, int]:
         """Counters: ``added``, ``expired``, ``dropped``, and the current ``count``."""
+        self.trim()
         raw = self.store.client.hgetall(self.stats_key)
         out = {name: int(raw.get(name, 0)) for name in ("added", "expired", "dropped")}
         out["count"] = self.count()
@@ -218,7 +232,8 @@ class DeadLetterStore:
                     return
 
     def list(self, task: str | None = None, limit: int | None = 50) -> builtins.list[DeadLetter]:
-        """Dead letters, newest first."""
+        """Dead letters, newest first (after applying retention, see :meth:`trim`)."""
+        self.trim()
         ids = list(self.ids(task=task, limit=limit))
         if not ids:
             return []

@@ -51,3 +51,18 @@ def test_ttl_expires_old_entries_on_the_next_write_and_counts_them(ns, caplog):
     assert [e.id for e in store.list(limit=None)] == ["id-4", "id-3"]
     assert store.stats() == {"added": 4, "expired": 2, "dropped": 0, "count": 2}
     assert any("1 entries expired" in r.getMessage() for r in caplog.records)
+
+
+def test_an_idle_store_applies_retention_when_read(ns, caplog):
+    """No new dead letter needed: list() and stats() expire what is past the TTL."""
+    app = ns.app(basic.build)
+    store = DeadLetterStore(app)
+    now = time.time()
+    store.add(entry(1, now - 7200))
+    store.add(entry(2, now - 60))
+    shorter = dataclasses.replace(store.settings, dead_letter_ttl=3600.0)
+    reader = DeadLetterStore(app, RedisStore(shorter))
+    with caplog.at_level(logging.WARNING, logger="celery_reliable.deadletter"):
+        assert [e.id for e in reader.list(limit=None)] == ["id-2"]
+    assert any("1 entries expired" in r.getMessage() for r in caplog.records)
+    assert reader.stats() == {"added": 2, "expired": 1, "dropped": 0, "count": 1}

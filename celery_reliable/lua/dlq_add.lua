@@ -1,4 +1,5 @@
 -- Add one dead letter, idempotently, and enforce retention.
+-- With an empty id (ARGV[1] == '') nothing is added: retention only (DeadLetterStore.trim).
 --
 -- KEYS[1] entries  HASH  id -> entry JSON
 -- KEYS[2] index    ZSET  id scored by failed_at (Unix seconds)
@@ -7,16 +8,20 @@
 -- ARGV[1] id, ARGV[2] entry JSON, ARGV[3] failed_at, ARGV[4] task name
 -- ARGV[5] max entries, ARGV[6] ttl seconds, ARGV[7] most evictions per call
 --
--- Returns {added (0 when the id was already stored), expired now, dropped now}.
+-- Returns {added (0 when the id was already stored, or none given), expired now, dropped now}.
 -- Eviction is bounded per call so one add never blocks Redis; the rest is trimmed
 -- by later adds.
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-  return {0, 0, 0}
+local added = 0
+if ARGV[1] ~= '' then
+  if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+    return {0, 0, 0}
+  end
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+  redis.call('HINCRBY', KEYS[4], 'added', 1)
+  added = 1
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
-redis.call('HINCRBY', KEYS[4], 'added', 1)
 
 local budget = tonumber(ARGV[7])
 local function evict(ids, counter)
@@ -43,4 +48,4 @@ if excess > 0 and budget > 0 then
   local popped = redis.call('ZRANGE', KEYS[2], 0, math.min(excess, budget) - 1)
   dropped = evict(popped, 'dropped')
 end
-return {1, expired, dropped}
+return {added, expired, dropped}
