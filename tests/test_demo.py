@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from tests.conftest import ROOT
 
 
 def test_demo_runs_end_to_end():
-    env = {**os.environ, "RELIABLE_VENV": str(Path(sys.executable).parent.parent)}
+    env = dict(os.environ)
+    if sys.prefix != sys.base_prefix:  # reuse the venv running the tests (else ROOT/.venv)
+        env["RELIABLE_VENV"] = sys.prefix
     done = subprocess.run(
         ["bash", "examples/demo.sh"],
         cwd=ROOT,
