@@ -26,6 +26,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+import redis
+
 from .errors import DeadLetterNotFound, UnknownTaskError
 from .store import RedisStore, store_for
 
@@ -51,6 +53,17 @@ EVICTIONS_PER_ADD = 1000
 PAGE_SIZE = 500
 #: Longest traceback kept, in characters (the tail is kept: it names the failing line).
 MAX_TRACEBACK_CHARS = 20_000
+#: Seconds :meth:`DeadLetterStore.add_patiently` keeps trying while Redis is unreachable
+#: (restarting, failing over) before giving up; a pool process then requeues the message.
+WRITE_PATIENCE = 3.0
+#: First pause between those attempts, in seconds; it doubles after each attempt.
+WRITE_BACKOFF = 0.25
+#: Errors worth another attempt: Redis unreachable, loading, or a replica mid-failover.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+)
 
 
 @dataclass
@@ -161,6 +174,29 @@ class DeadLetterStore:
                 entry.error,
             )
         return added
+
+    def add_patiently(self, entry: DeadLetter, patience: float = WRITE_PATIENCE) -> bool:
+        """:meth:`add`, retried with backoff for up to ``patience`` seconds while Redis is
+        unreachable, so a Redis restart or failover does not make the caller give up (and
+        rerun the task). Re-raises the last error after that.
+        """
+        deadline = time.monotonic() + patience
+        pause = WRITE_BACKOFF
+        while True:
+            try:
+                return self.add(entry)
+            except TRANSIENT_ERRORS as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                logger.warning(
+                    "Dead-letter store unreachable (%r) writing %s[%s]; trying again in %.2fs",
+                    exc,
+                    entry.task,
+                    entry.task_id,
+                    pause,
+                )
+                time.sleep(pause)
+                pause *= 2
 
     def trim(self) -> None:
         """Drop entries past ``reliable_dead_letter_ttl`` and ``reliable_dead_letter_max``

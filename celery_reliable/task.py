@@ -198,7 +198,7 @@ class ReliableTask(Task):  # type: ignore[misc]
             reason = "max_retries"
         entry = self.dead_letter_entry(exc, reason, tb_module.format_exc())
         try:
-            DeadLetterStore(self.app).add(entry)
+            DeadLetterStore(self.app).add_patiently(entry)
         except Exception as store_exc:
             # Never ack a failure we could not record: put the message back for later.
             logger.error(

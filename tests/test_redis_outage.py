@@ -67,6 +67,27 @@ def test_worker_survives_a_store_outage_and_dead_letters_after_it(ns, start_work
         coord.close()
 
 
+def test_a_short_store_blip_is_ridden_out_without_rerunning_the_task(ns, start_worker):
+    """Redis back within the write patience (3 s): the pool process keeps trying, the dead
+    letter is written, and the task is not requeued and run a second time."""
+    coord = RedisServer().start()
+    try:
+        ns = dataclasses.replace(ns, redis_url=coord.url(0))
+        app = ns.app(basic.build)
+        worker = start_worker("basic", env={"CR_REDIS_URL": coord.url(0)})
+        coord.kill()
+        failing = app.tasks["basic.fail_quietly"].delay(2)
+        worker.wait_log("Dead-letter store unreachable")
+        coord.start()
+        store = DeadLetterStore(app)
+        wait_for(lambda: store.count() == 1, 30, message=lambda: worker.log()[-3000:])
+        assert store.get(failing.id).reason == "dead_letter_for"
+        assert worker.log().count(f"basic.fail_quietly[{failing.id}] received") == 1
+        assert "requeueing the message" not in worker.log()
+    finally:
+        coord.close()
+
+
 def test_worker_survives_a_broker_and_store_restart(ns, start_worker):
     """kill -9 of the one Redis that is both broker and store while a worker is idle: the
     worker reconnects and runs the next task; nothing of ours stops it."""
