@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
+from . import metrics
 from .errors import DeadLetterNotFound, UnknownTaskError
 from .store import RedisStore, store_for
 
@@ -169,6 +170,7 @@ class DeadLetterStore:
                 self.settings.dead_letter_max,
             )
         if added:
+            metrics.dead_lettered(entry.task, entry.reason)
             logger.error(
                 "Dead-lettered %s[%s] (%s): %s: %s",
                 entry.task,
