@@ -55,6 +55,9 @@ KILL_SIGNAL = signal.SIGKILL
 #: Signals that start a drain, and during a drain move straight to requeue-and-exit.
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+#: Attribute of the WorkController holding its Drainer.
+DRAINER_ATTR = "_reliable_drainer"
+
 # Drain phases.
 IDLE = "idle"
 DRAINING = "draining"
@@ -139,6 +142,9 @@ class Drainer:
         self._timers: list[Any] = []
         self._previous_handlers: dict[int, Any] = {}
         self._hub: Any = None
+        #: True while the worker's event loop runs (False while it (re)connects to the
+        #: broker): only a running loop can drain.
+        self.loop_live = False
 
     # --- signal side: record, wake the loop, nothing else ---
 
@@ -159,6 +165,13 @@ class Drainer:
         self._signals.append((signum, time.monotonic()))
         with contextlib.suppress(OSError):
             os.write(self._wfd, b"\0")
+        if not self.loop_live:
+            # No event loop to drain in (the broker is unreachable, so nothing can be
+            # given back either): fall back to Celery's warm shutdown, then a cold one.
+            if self.phase == IDLE and (state.should_stop is None or state.should_stop is False):
+                state.should_stop = EX_OK
+            else:
+                state.should_terminate = EX_OK
 
     # --- loop side ---
 
@@ -166,6 +179,7 @@ class Drainer:
         """Watch the wake-up pipe in ``hub`` (called at every event-loop (re)start)."""
         self._hub = hub
         hub.add_reader(self._rfd, self._on_wakeup)
+        self.loop_live = True
 
     def close(self) -> None:
         """Stop watching the pipe and close it (at worker stop)."""
@@ -414,6 +428,7 @@ class DrainStep(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         timeout = settings_of(worker.app).drain_timeout
         self.drainer = Drainer(worker, timeout)
+        setattr(worker, DRAINER_ATTR, self.drainer)
         self.drainer.install_signal_handlers()
         logger.info("drain: SIGTERM drains this worker (reliable_drain_timeout=%.1fs)", timeout)
 
@@ -428,12 +443,26 @@ class DrainStep(bootsteps.StartStopStep):  # type: ignore[misc]
             self.drainer.phase = STOPPING
             self.drainer.close()
             self.drainer = None
+            setattr(worker, DRAINER_ATTR, None)
 
     def terminate(self, worker: Any) -> None:
         self.stop(worker)
+
+
+class DrainLoopStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: tells the drainer when the event loop stops (connection lost), so a
+    SIGTERM that arrives while the worker reconnects still stops it."""
+
+    label = "reliable-drain-loop"
+
+    def stop(self, c: Any) -> None:
+        drainer = getattr(c.controller, DRAINER_ATTR, None)
+        if drainer is not None:
+            drainer.loop_live = False
 
 
 @feature
 def install_drain(app: Any) -> None:
     """Add :class:`DrainStep` to ``app``'s worker blueprint."""
     app.steps["worker"].add(DrainStep)
+    app.steps["consumer"].add(DrainLoopStep)

@@ -101,7 +101,8 @@ def amqp_ns(ns) -> Iterator:
 def _drain_with_running_and_prefetched(
     ns, start_worker, label: str, broker_factory: Callable[[object], object]
 ) -> None:
-    """Two long tasks running, six prefetched (four ReliableTasks, two plain tasks)."""
+    """Two long tasks running; seven prefetched: four ReliableTasks, two plain tasks and
+    one with a countdown (held by the worker until its ETA)."""
     app = ns.app(drain.build)
     env = {"CR_PREFETCH": "4", "CELERY_RELIABLE_DRAIN_TIMEOUT": "15"}
     w1 = start_worker("drain", name="w1", env=env)
@@ -109,19 +110,23 @@ def _drain_with_running_and_prefetched(
     try:
         long_ids = [app.tasks["drain.sleep"].delay(3.0, tag="long").id for _ in range(2)]
         wait_for(lambda: len(events(app, "started")) == 2, 20, message="both long tasks started")
-        prefetched = [app.tasks["drain.sleep"].delay(0.05, tag="short").id for _ in range(4)]
+        # The ETA one first: receiving it raises the prefetch limit by one (Celery does
+        # that for ETA tasks), so all seven fit in the window of 2 x 4.
+        eta = app.tasks["drain.sleep"].apply_async((0.05,), {"tag": "eta"}, countdown=3)
+        prefetched = [eta.id]
+        prefetched += [app.tasks["drain.sleep"].delay(0.05, tag="short").id for _ in range(4)]
         prefetched += [app.tasks["drain.plain"].delay(0.05, tag="plain").id for _ in range(2)]
-        wait_for(lambda: broker.ready() == 0, 10, message="all six prefetched by w1")
+        wait_for(lambda: broker.ready() == 0, 10, message="all seven prefetched by w1")
         if isinstance(broker, RedisBroker):
-            wait_for(lambda: broker.unacked() == 8, 10, message="8 unacked on w1")
+            wait_for(lambda: broker.unacked() == 9, 10, message="9 unacked on w1")
 
         t0 = time.monotonic()
         w1.terminate()
         wait_for(
-            lambda: broker.ready() == 6,
+            lambda: broker.ready() == 7,
             RETURN_DEADLINE + 4,
             FAST_POLL,
-            message=lambda: f"6 prefetched back on the broker (have {broker.ready()})",
+            message=lambda: f"7 prefetched back on the broker (have {broker.ready()})",
         )
         t_back = time.monotonic() - t0
         code = w1.wait_exit(20)
@@ -130,17 +135,17 @@ def _drain_with_running_and_prefetched(
         assert t_back < RETURN_DEADLINE, f"prefetched back after {t_back:.3f}s"
         assert code == 0, w1.log()[-3000:]
         assert t_exit < 15.0, f"exited after {t_exit:.3f}s"
-        assert "drain: 6 prefetched returned" in w1.log()
+        assert "drain: 7 prefetched returned" in w1.log()
         assert sorted(_count(app, "succeeded")) == sorted(long_ids), "both running finished"
         assert sorted(_count(app, "started")) == sorted(long_ids), "no prefetched one started"
-        assert broker.ready() == 6
+        assert broker.ready() == 7
         if isinstance(broker, RedisBroker):
             assert broker.unacked() == 0, "nothing left for the visibility timeout"
         _timing(label, prefetched_back=t_back, exit=t_exit)
 
         start_worker("drain", name="w2")
         wait_for(
-            lambda: len(events(app, "succeeded")) == 8, 20, message="w2 ran the prefetched six"
+            lambda: len(events(app, "succeeded")) == 9, 20, message="w2 ran the prefetched seven"
         )
         _assert_each_once(app, long_ids + prefetched)
         assert all(n == 1 for n in _count(app, "started").values())
@@ -245,3 +250,20 @@ def test_amqp_second_sigterm_requeues_running_at_once(amqp_ns, start_worker):
         )
     finally:
         broker.close()
+
+
+def test_sigterm_while_the_broker_is_down_still_stops_the_worker(ns, start_worker):
+    """No event loop runs while the worker reconnects: SIGTERM falls back to Celery's
+    warm shutdown instead of waiting for a drain that cannot start."""
+    w1 = start_worker("drain", name="w1")
+    ns.redis.kill()
+    try:
+        w1.wait_log("Cannot connect", 15)
+        t0 = time.monotonic()
+        w1.terminate()
+        code = w1.wait_exit(15)
+        t_exit = time.monotonic() - t0
+    finally:
+        ns.redis.start()
+    assert code == 0, w1.log()[-3000:]
+    _timing("redis-broker-down", exit=t_exit)
