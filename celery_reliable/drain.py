@@ -226,12 +226,12 @@ class Drainer:
         returned, failed = self._return_prefetched()
         self._running = self._still_running()
         logger.warning(
-            "drain: %d prefetched returned%s in %.3fs, waiting up to %.1fs for %d running",
+            "drain: %d prefetched returned%s, waiting up to %.1fs for %d running (%.3fs in)",
             returned,
             f" ({failed} could not be returned)" if failed else "",
-            self._elapsed(),
             self.timeout,
             len(self._running),
+            self._elapsed(),
         )
         with contextlib.suppress(Exception):
             celery_signals.worker_shutting_down.send(

@@ -131,6 +131,7 @@ def _drain_with_running_and_prefetched(
         t_back = time.monotonic() - t0
         code = w1.wait_exit(20)
         t_exit = time.monotonic() - t0
+        after_last = time.time() - max(e["t"] for e in events(app, "succeeded"))
 
         assert t_back < RETURN_DEADLINE, f"prefetched back after {t_back:.3f}s"
         assert code == 0, w1.log()[-3000:]
@@ -141,7 +142,7 @@ def _drain_with_running_and_prefetched(
         assert broker.ready() == 7
         if isinstance(broker, RedisBroker):
             assert broker.unacked() == 0, "nothing left for the visibility timeout"
-        _timing(label, prefetched_back=t_back, exit=t_exit)
+        _timing(label, prefetched_back=t_back, exit=t_exit, exit_after_last_task=after_last)
 
         start_worker("drain", name="w2")
         wait_for(
