@@ -268,3 +268,30 @@ def test_sigterm_while_the_broker_is_down_still_stops_the_worker(ns, start_worke
         ns.redis.start()
     assert code == 0, w1.log()[-3000:]
     _timing("redis-broker-down", exit=t_exit)
+
+
+@pytest.mark.amqp
+def test_amqp_broker_requeues_running_tasks_when_a_draining_worker_is_killed(amqp_ns, start_worker):
+    """What RabbitMQ does by itself: a platform SIGKILL during the drain closes the
+    connection, and the broker requeues the unacked messages of the running tasks."""
+    app = amqp_ns.app(drain.build)
+    broker = AmqpBroker(app, amqp_ns.queue)
+    try:
+        w1 = start_worker("drain", name="w1", env={"CELERY_RELIABLE_DRAIN_TIMEOUT": "30"})
+        ids = [app.tasks["drain.long_once"].delay(60.0, 0.05).id for _ in range(2)]
+        ids += [app.tasks["drain.sleep"].delay(0.05).id for _ in range(2)]
+        wait_for(lambda: len(events(app, "started")) == 2, 20, message="2 long tasks started")
+        wait_for(lambda: broker.ready() == 0, 10, message="both short ones prefetched")
+        w1.terminate()
+        wait_for(lambda: broker.ready() == 2, 5, FAST_POLL, message="2 prefetched back")
+        t0 = time.monotonic()
+        w1.kill9()
+        wait_for(lambda: broker.ready() == 4, 10, FAST_POLL, message="broker requeued 2")
+        t_requeued = time.monotonic() - t0
+        _timing("amqp-sigkill-during-drain", broker_requeued=t_requeued)
+
+        start_worker("drain", name="w2")
+        wait_for(lambda: len(events(app, "succeeded")) == 4, 20, message="w2 ran all four")
+        _assert_each_once(app, ids)
+    finally:
+        broker.close()
