@@ -399,9 +399,9 @@ class DrainStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Worker step: SIGTERM drains the worker instead of Celery's unbounded warm shutdown.
 
     Installed by :func:`celery_reliable.install`. Active only in a ``celery worker``
-    process that runs an event loop (the default for prefork with Redis or RabbitMQ);
-    anywhere else (embedded test workers, ``--pool=solo`` without a loop) Celery's own
-    shutdown is left as it is.
+    process with the prefork pool and an event loop (the default with Redis or RabbitMQ);
+    anywhere else (embedded test workers, other pools) Celery's own shutdown is left as
+    it is.
 
     Parameters:
       worker: the ``WorkController`` (passed by Celery).
@@ -419,9 +419,15 @@ class DrainStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, worker: Any) -> None:
         from celery.apps.worker import Worker as CliWorker
+        from celery.concurrency.prefork import TaskPool as PreforkPool
 
         if not isinstance(worker, CliWorker) or worker.hub is None:
             logger.info("drain: not active (needs a `celery worker` with an event loop)")
+            return
+        if not isinstance(worker.pool, PreforkPool):
+            # Other pools cannot end a task at the deadline, and take requests without
+            # the semaphore, so prefetched ones could not be told from running ones.
+            logger.info("drain: not active with the %s pool (prefork only)", type(worker.pool))
             return
         if threading.current_thread() is not threading.main_thread():
             logger.info("drain: not active (the worker does not run in the main thread)")
