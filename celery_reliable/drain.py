@@ -280,7 +280,9 @@ class Drainer:
         for bucket in list(c.task_buckets.values()):
             contents = getattr(bucket, "contents", None)
             if contents:
-                taken.extend(item[0] for item in list(contents))
+                # Celery's buckets hold (request, tokens) pairs.
+                items = [i[0] if isinstance(i, tuple) else i for i in list(contents)]
+                taken.extend(r for r in items if hasattr(r, "message"))
                 bucket.clear_pending()
         for request in list(state.scheduled_requests):
             if request in state.active_requests:
