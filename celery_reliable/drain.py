@@ -61,7 +61,11 @@ DRAINER_ATTR = "_reliable_drainer"
 # Drain phases.
 IDLE = "idle"
 DRAINING = "draining"
+SETTLING = "settling"  # waiting for an outstanding Redis BRPOP reply before stopping
 STOPPING = "stopping"
+
+#: Longest wait, in seconds, for a Redis BRPOP sent before the cancel to come back.
+BRPOP_SETTLE_TIMEOUT = 2.0
 
 
 def _is_redis_qos(qos: Any) -> bool:
@@ -140,6 +144,7 @@ class Drainer:
         self._started_at: float | None = None
         self._running: list[Any] = []
         self._timers: list[Any] = []
+        self._settle_deadline = 0.0
         self._previous_handlers: dict[int, Any] = {}
         self._hub: Any = None
         #: True while the worker's event loop runs (False while it (re)connects to the
@@ -303,6 +308,9 @@ class Drainer:
         return running
 
     def _check(self) -> None:
+        if self.phase == SETTLING:
+            self.finish()
+            return
         if self.phase != DRAINING:
             return
         left = [r for r in self._running if _in_flight(r)]
@@ -370,9 +378,25 @@ class Drainer:
             job.terminate(KILL_SIGNAL)
 
     def finish(self) -> None:
-        """Hand over to Celery's warm shutdown (exit code 0)."""
+        """Hand over to Celery's warm shutdown (exit code 0), once no BRPOP is in flight."""
         if self.phase == STOPPING:
             return
+        if self._brpop_pending():
+            # On Redis a BRPOP sent before the cancel may still pop a message (one just
+            # returned, or a new one). The loop gives such a message back by itself
+            # (kombu requeues deliveries for a cancelled queue), so keep the loop running
+            # until that reply has come in: at once when the queue has messages, and
+            # within kombu's brpop_timeout (1 s) when it is empty.
+            if self.phase != SETTLING:
+                self.phase = SETTLING
+                self._settle_deadline = time.monotonic() + BRPOP_SETTLE_TIMEOUT
+                if not self._timers:
+                    hub = self.worker.hub
+                    self._timers.append(hub.call_repeatedly(DRAIN_POLL_INTERVAL, self._check))
+                return
+            if time.monotonic() < self._settle_deadline:
+                return
+            logger.warning("drain: a BRPOP is still outstanding; stopping anyway")
         self.phase = STOPPING
         for timer in self._timers:
             with contextlib.suppress(Exception):
@@ -387,6 +411,12 @@ class Drainer:
         # Wake the loop so it sees should_stop now, not when its poll times out.
         with contextlib.suppress(OSError):
             os.write(self._wfd, b"\0")
+
+    def _brpop_pending(self) -> bool:
+        """Whether the Redis task channel has a BRPOP in flight."""
+        consumer = getattr(self.consumer, "task_consumer", None)
+        channel = getattr(consumer, "channel", None)
+        return bool(getattr(channel, "_in_poll", False))
 
 
 def _in_flight(request: Any) -> bool:

@@ -295,3 +295,28 @@ def test_amqp_broker_requeues_running_tasks_when_a_draining_worker_is_killed(amq
         _assert_each_once(app, ids)
     finally:
         broker.close()
+
+
+def test_requests_held_by_a_rate_limit_are_returned(ns, start_worker):
+    """Requests parked in Celery's rate-limit bucket have not started: they go back too."""
+    app = ns.app(drain.build)
+    broker = RedisBroker(ns)
+    try:
+        w1 = start_worker("drain", name="w1")
+        ids = [app.tasks["drain.limited"].delay(tag=str(i)).id for i in range(3)]
+        wait_for(lambda: events(app, "succeeded"), 20, message="the first one ran")
+        wait_for(
+            lambda: broker.ready() == 0 and broker.unacked() == 2, 10, message="2 parked on w1"
+        )
+        t0 = time.monotonic()
+        w1.terminate()
+        wait_for(lambda: broker.ready() == 2, 5, FAST_POLL, message="2 parked ones back")
+        t_back = time.monotonic() - t0
+        assert w1.wait_exit(10) == 0
+        assert t_back < RETURN_DEADLINE
+        assert broker.unacked() == 0
+        ran = [e["id"] for e in events(app, "started")]
+        assert len(ran) == 1 and ran[0] in ids
+        _timing("redis-rate-limited", returned=t_back)
+    finally:
+        broker.close()

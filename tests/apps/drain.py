@@ -30,6 +30,13 @@ def build(app: Celery) -> Celery:
         record(app, self, "succeeded", tag=tag, run=n)
         return tag
 
+    @app.task(base=ReliableTask, bind=True, shared=False, name="drain.limited", rate_limit="1/m")
+    def limited(self: Any, tag: str = "") -> str:
+        """Celery's per-worker rate limit: after the first, requests wait in a bucket."""
+        record(app, self, "started", tag=tag)
+        record(app, self, "succeeded", tag=tag)
+        return tag
+
     @app.task(bind=True, shared=False, name="drain.plain")
     def plain(self: Any, seconds: float, tag: str = "") -> str:
         """A plain Celery task (acked when it starts)."""
