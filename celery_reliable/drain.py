@@ -139,7 +139,9 @@ class Drainer:
         self.worker = worker
         self.timeout = timeout
         self.phase = IDLE
-        self._rfd, self._wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._rfd, self._wfd = os.pipe()  # not inheritable across exec (PEP 446)
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
         self._signals: collections.deque[tuple[int, float]] = collections.deque()
         self._started_at: float | None = None
         self._running: list[Any] = []
