@@ -97,8 +97,10 @@ def return_messages(requests: Iterable[Any]) -> tuple[int, int]:
     """
     pending = [r for r in requests if not r.acknowledged]
     returned = failed = 0
-    # RPUSH puts a restored message at the consuming end, so go from last to first.
-    for request in reversed(pending):
+    if pending and _is_redis_qos(getattr(pending[0].message.channel, "qos", None)):
+        # RPUSH puts a restored message at the consuming end: go from last to first.
+        pending.reverse()
+    for request in pending:
         message = request.message
         try:
             qos: Any = getattr(message.channel, "qos", None)
