@@ -320,3 +320,29 @@ def test_requests_held_by_a_rate_limit_are_returned(ns, start_worker):
         _timing("redis-rate-limited", returned=t_back)
     finally:
         broker.close()
+
+
+def test_plain_tasks_at_the_deadline(ns, start_worker):
+    """A plain acks_late task is requeued at the deadline with no failure recorded; a
+    plain task that is not acks_late was acked when it started: it is ended, not requeued,
+    and the log names it."""
+    app = ns.app(drain.build)
+    broker = RedisBroker(ns)
+    try:
+        w1 = start_worker("drain", name="w1", env={"CELERY_RELIABLE_DRAIN_TIMEOUT": "1"})
+        late = app.tasks["drain.plain_late"].delay(60.0, 0.05).id
+        early = app.tasks["drain.plain"].delay(60.0).id
+        wait_for(lambda: len(events(app, "started")) == 2, 20, message="both started")
+        w1.terminate()
+        assert w1.wait_exit(10) == 0
+        log = w1.log()
+        assert broker.ready() == 1 and broker.unacked() == 0, "only the acks_late one is back"
+        assert f"drain.plain[{early}] is not acks_late" in log
+        assert "1 running requeued, 2 pool process(es) ended" in log
+        assert "WorkerLostError" not in log and "raised error" not in log
+
+        start_worker("drain", name="w2")
+        wait_for(lambda: events(app, "succeeded"), 20, message="w2 ran the acks_late one")
+        assert [e["id"] for e in events(app, "succeeded")] == [late]
+    finally:
+        broker.close()

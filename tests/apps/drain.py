@@ -37,6 +37,14 @@ def build(app: Celery) -> Celery:
         record(app, self, "succeeded", tag=tag)
         return tag
 
+    @app.task(bind=True, shared=False, name="drain.plain_late", acks_late=True)
+    def plain_late(self: Any, first: float, later: float) -> None:
+        """A plain acks_late task (no reject_on_worker_lost), long on its first run."""
+        n = recorder(app).incr(f"{app.conf.reliable_key_prefix}:test:runs:{self.request.id}")
+        record(app, self, "started", run=n)
+        time.sleep(first if n == 1 else later)
+        record(app, self, "succeeded", run=n)
+
     @app.task(bind=True, shared=False, name="drain.plain")
     def plain(self: Any, seconds: float, tag: str = "") -> str:
         """A plain Celery task (acked when it starts)."""
