@@ -2,4 +2,7 @@
 
 from __future__ import annotations
 
-from . import metrics  # noqa: F401
+from . import drain, metrics
+
+#: Feature modules, each registering a ``@feature`` installer when imported.
+MODULES = (drain, metrics)
