@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import redis
 
+from . import metrics
 from .errors import DeadLetterNotFound, UnknownTaskError
 from .store import RedisStore, store_for
 
@@ -165,6 +166,7 @@ class DeadLetterStore:
             entry.traceback = "...\n" + entry.traceback[-MAX_TRACEBACK_CHARS:]
         added = self._add_script(entry.id, entry.to_json(), repr(entry.failed_at), entry.task)
         if added:
+            metrics.dead_lettered(entry.task, entry.reason)
             logger.error(
                 "Dead-lettered %s[%s] (%s): %s: %s",
                 entry.task,

@@ -37,6 +37,8 @@ OutcomeKind = Literal["succeeded", "retry", "failed", "ignored", "deferred"]
 ORDER_ORDERING = 10
 ORDER_ADMISSION = 20
 ORDER_LEDGER = 30
+#: Metrics count outcomes; last, so they see every extension's decision.
+ORDER_METRICS = 90
 
 
 @dataclass(frozen=True)

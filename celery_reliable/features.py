@@ -1,3 +1,8 @@
 """Imports every feature module so each registers its installer with ``install``."""
 
 from __future__ import annotations
+
+from . import drain, metrics
+
+#: Feature modules, each registering a ``@feature`` installer when imported.
+MODULES = (drain, metrics)
