@@ -19,18 +19,24 @@ from tests.apps.common import events, make_app, recorder
 from tests.conftest import ROOT
 
 
-def cli(ns: Any, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``celery -A tests.apps.basic:app reliable dlq ARGS`` in a subprocess."""
-    cmd = [sys.executable, "-m", "celery", "-A", "tests.apps.basic:app", "reliable", "dlq"]
+def celery(
+    ns: Any, *args: str, input: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``celery -A tests.apps.basic:app ARGS`` in a subprocess, in the test's namespace."""
     return subprocess.run(
-        [*cmd, *args],
-        env={**os.environ, **ns.env()},
+        [sys.executable, "-m", "celery", "-A", "tests.apps.basic:app", *args],
+        env={**os.environ, **ns.env(**env)},
         cwd=ROOT,
         capture_output=True,
         text=True,
         input=input,
         timeout=60,
     )
+
+
+def cli(ns: Any, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``celery -A tests.apps.basic:app reliable dlq ARGS``."""
+    return celery(ns, "reliable", "dlq", *args, input=input)
 
 
 def ok_json(ns: Any, *args: str) -> Any:
@@ -95,6 +101,11 @@ def test_list_and_show_with_and_without_json(ns, start_worker):
     assert "no dead letter with id 'no-such-id'" in missing.stderr
     empty = ok_json(ns, "list", "--task", "basic.nothing")
     assert empty == []
+
+    status = celery(ns, "reliable", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    counters = json.loads(status.stdout)["dead_letters"]
+    assert counters == {"added": 4, "count": 4, "dropped": 0, "expired": 0}
 
 
 def test_replay_and_purge_from_the_cli(ns, start_worker):
@@ -211,14 +222,7 @@ def test_replay_that_cannot_publish_keeps_the_entry(ns, start_worker):
 
 def test_unreachable_store_is_one_clear_error(ns):
     down = f"redis://:secret@127.0.0.1:{free_port()}/1"
-    done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.apps.basic:app", "reliable", "dlq", "list"],
-        env={**os.environ, **ns.env(CR_REDIS_URL=down)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = celery(ns, "reliable", "dlq", "list", CR_REDIS_URL=down)
     assert done.returncode == 1
     assert "Error: dead-letter store at redis://:**@127.0.0.1:" in done.stderr
     assert "Connection refused" in done.stderr
