@@ -4,10 +4,15 @@ serving. Messages are published raw with kombu, as a buggy or foreign producer w
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import socket
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from kombu import Connection
 
 from celery_reliable import DeadLetterStore, UnknownTaskError
@@ -136,3 +141,46 @@ def test_json_body_that_is_not_a_task_body_is_dead_lettered(ns, start_worker):
     assert entry.reason == "malformed" and entry.task == "basic.ok"
     ok = app.tasks["basic.ok"].delay(2)
     wait_for(lambda: [e["id"] for e in events(app, "succeeded")] == [ok.id], 20)
+
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.fixture
+def rabbit_ns(ns: Any) -> Iterator[Any]:
+    """The test namespace with the shared RabbitMQ as broker (its own queue, deleted after)."""
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+    except OSError:
+        pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
+    amqp = dataclasses.replace(ns, broker_url=AMQP_URL)
+    yield amqp
+    with Connection(AMQP_URL) as conn, contextlib.suppress(Exception):
+        conn.default_channel.queue_delete(amqp.queue)
+
+
+@pytest.mark.amqp
+def test_bad_input_and_failures_are_dead_lettered_on_rabbitmq(rabbit_ns, start_worker):
+    ns = rabbit_ns
+    app = ns.app(basic.build)
+    worker = start_worker("basic", env={"CR_BROKER_URL": AMQP_URL})
+    store = DeadLetterStore(app)
+    bad_id = str(uuid.uuid4())
+    with Connection(AMQP_URL) as conn:
+        conn.Producer().publish(
+            b"{not json",
+            exchange="",
+            routing_key=ns.queue,
+            headers=v2_headers("basic.ok", bad_id),
+            content_type="application/json",
+            content_encoding="utf-8",
+        )
+    unknown = app.send_task("basic.not_registered", args=[1])
+    failed = app.tasks["basic.permanent"].delay(4)
+    wait_for(lambda: store.count() == 3, 30, message=lambda: f"3 dead letters:\n{worker.log()}")
+    assert store.get(bad_id).reason == "malformed"
+    assert store.get(unknown.id).reason == "unknown_task"
+    assert store.get(failed.id).reason == "dead_letter_for"
+    ok = app.tasks["basic.ok"].delay(1)
+    wait_for(lambda: [e["id"] for e in events(app, "succeeded")] == [ok.id], 20)
+    assert worker.alive
