@@ -326,3 +326,43 @@ def test_amqp_broker_redelivers_and_reaper_only_cleans_up_and_counts(
         with contextlib.suppress(Exception), app.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
             conn.default_channel.exchange_delete(queue)
+
+
+@pytest.mark.amqp
+def test_amqp_task_that_kills_its_worker_every_time_is_dead_lettered_at_start(
+    ns, start_worker, start_reaper
+):
+    """On RabbitMQ the broker redelivers a poison task by itself, as fast as workers die.
+    The reaper counts one recovery per dead worker; past reliable_max_recoveries the next
+    worker to receive it dead-letters it ('orphaned') instead of running it."""
+    queue = ns.queue = f"q-reaper-{uuid.uuid4().hex[:10]}"
+    env = {"CR_BROKER_URL": AMQP_URL, "CELERY_RELIABLE_MAX_RECOVERIES": "2"}
+    app = install(orphans.build(make_app("producer", AMQP_URL, ns.redis_url, ns.prefix, queue)))
+    try:
+        reaper = start_reaper(env=env)
+        workers = [
+            start_worker("orphans", name=f"w{i}", concurrency=1, env={**FAST, **env}, wait=False)
+            for i in range(3)
+        ]
+        for w in workers:
+            w.wait_ready()
+        reaper.wait_started()
+        result = app.tasks["orphans.poison"].apply_async((9,), {"note": "amqp"})
+        wait_for(lambda: not any(w.alive for w in workers), 30, message="3 dead workers")
+        assert [e["id"] for e in started(app)] == [result.id] * 3
+        wait_for(lambda: reaper_stats(app).get("recovered") == 3, 15, message="3 recoveries")
+        last = start_worker("orphans", name="w3", concurrency=1, env={**FAST, **env})
+        store = DeadLetterStore(app)
+        wait_for(lambda: store.count() == 1, 15, message="the dead letter")
+        entry = store.get(result.id)
+        assert entry.reason == "orphaned" and entry.args == [9] and entry.kwargs == {"note": "amqp"}
+        assert "orphaned 3 times" in (entry.error or "")
+        assert len(started(app)) == 3  # the fourth delivery did not run the body
+        assert last.alive
+        with app.connection_for_write() as conn:
+            _, waiting, _ = conn.default_channel.queue_declare(queue, passive=True)
+        assert waiting == 0
+    finally:
+        with contextlib.suppress(Exception), app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+            conn.default_channel.exchange_delete(queue)

@@ -15,8 +15,16 @@ if now - tonumber(score) <= tonumber(ARGV[2]) then return {} end
 local info = redis.call('HGET', KEYS[2], ARGV[1]) or ''
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('RENAME', KEYS[3], KEYS[5]) end
-if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('RENAME', KEYS[4], KEYS[6]) end
+-- Move ledger and held tags to the claimed keys, merging with an unfinished earlier claim.
+for i = 3, 4 do
+  if redis.call('EXISTS', KEYS[i + 2]) == 0 then
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RENAME', KEYS[i], KEYS[i + 2]) end
+  else
+    local entries = redis.call('HGETALL', KEYS[i])
+    for j = 1, #entries, 2 do redis.call('HSET', KEYS[i + 2], entries[j], entries[j + 1]) end
+    redis.call('DEL', KEYS[i])
+  end
+end
 redis.call('ZADD', KEYS[7], now, ARGV[1])
 redis.call('SET', KEYS[8], tostring(now), 'EX', tonumber(ARGV[3]))
 return {tostring(score), info, tostring(now - tonumber(score))}
