@@ -211,12 +211,20 @@ class Heartbeat:
       registry: the worker's registration.
       interval: seconds between beats (``reliable_heartbeat_interval``).
       report_tags: report held delivery tags (only meaningful on the Redis broker).
+      companions: services started and stopped with the heartbeat (the embedded reaper).
     """
 
-    def __init__(self, registry: WorkerRegistry, interval: float, report_tags: bool) -> None:
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        interval: float,
+        report_tags: bool,
+        companions: list[Any] | None = None,
+    ) -> None:
         self.registry = registry
         self.interval = interval
         self.report_tags = report_tags
+        self.companions = list(companions or [])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
@@ -226,6 +234,8 @@ class Heartbeat:
         self.beat()
         self._thread = threading.Thread(target=self._run, name="reliable-heartbeat", daemon=True)
         self._thread.start()
+        for companion in self.companions:
+            companion.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -266,6 +276,9 @@ class Heartbeat:
     def shutdown(self) -> None:
         """Stop beating and deregister (once)."""
         self._stop.set()
+        for companion in self.companions:
+            companion.stop()
+        self.companions = []
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(self.interval + 1)
         if self._deregistered:
@@ -313,7 +326,14 @@ class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def create(self, w: Any) -> Heartbeat:
         settings = settings_of(w.app)
         registry = WorkerRegistry(w.app, self.worker_id, w.hostname)
-        self.heart = Heartbeat(registry, settings.heartbeat_interval, broker_is_redis(w.app))
+        companions: list[Any] = []
+        if settings.embedded_reaper:
+            from .embedded import EmbeddedReaper
+
+            companions.append(EmbeddedReaper(w.app, self.worker_id))
+        self.heart = Heartbeat(
+            registry, settings.heartbeat_interval, broker_is_redis(w.app), companions
+        )
         heart = self.heart
 
         def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:

@@ -366,3 +366,20 @@ def test_amqp_task_that_kills_its_worker_every_time_is_dead_lettered_at_start(
         with contextlib.suppress(Exception), app.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
             conn.default_channel.exchange_delete(queue)
+
+
+def test_embedded_reaper_recovers_without_a_reaper_process(ns, start_worker):
+    """reliable_embedded_reaper: the workers elect a leader that runs the reaper pass."""
+    app = ns.app(orphans.build)
+    workers = start_pair(start_worker, env={"CELERY_RELIABLE_EMBEDDED_REAPER": "1"})
+    result = app.tasks["orphans.first_slow"].delay("e", 60)
+    _, survivor, killed_at = kill_the_runner(app, workers)
+    # if the victim led, the survivor takes the lease (worker_timeout long) over in time
+    limit = TIMEOUT + INTERVAL + SLACK
+    rerun = wait_for(lambda: started(app)[1:], limit + 5, message="the rerun")[0]
+    print(f"\nembedded reaper recovery time: {rerun['t'] - killed_at:.2f}s")
+    assert rerun["t"] - killed_at <= limit
+    assert rerun["id"] == result.id and rerun["hostname"] == survivor.nodename
+    survivor.wait_log("now runs the embedded reaper", 10)
+    assert f"recovered orphans.first_slow[{result.id}]" in survivor.log()
+    assert reaper_stats(app).get("recovered") == 1
