@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import redis
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
 from .deadletter import DeadLetterStore
 from .extensions import ORDER_LEDGER, Outcome
@@ -120,7 +120,18 @@ class LedgerExtension:
         exc = RecoveredTooOften(task.request.id, recoveries, limit)
         if task.dead_letter:
             entry = task.dead_letter_entry(exc, "orphaned", None)
-            DeadLetterStore(self.app).add(entry)  # raises: the message is then redelivered
+            try:
+                DeadLetterStore(self.app).add(entry)
+            except Exception as store_exc:
+                # Never drop a task we could not record: put the message back for later.
+                logger.error(
+                    "Could not dead-letter %s[%s] (%r); requeueing the message",
+                    task.name,
+                    task.request.id,
+                    store_exc,
+                )
+                self._remove(task, terminal=False)
+                raise Reject(store_exc, requeue=True) from exc
         else:
             logger.error("%s; dead_letter=False, so it is dropped", exc)
         self._remove(task, terminal=True)

@@ -229,6 +229,7 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._failing = False
         self._deregistered = False
+        self._surrendered: set[str] = set()
 
     def start(self) -> None:
         self.beat()
@@ -241,11 +242,21 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             self.beat()
 
+    def _held(self) -> list[str]:
+        tags = held_delivery_tags()
+        return [t for t in tags if t not in self._surrendered] if self._surrendered else tags
+
     def beat(self) -> None:
         reg = self.registry
         try:
-            tags = held_delivery_tags() if self.report_tags else None
+            tags = self._held() if self.report_tags else None
             was_reaped = reg.heartbeat(tags)
+            if was_reaped and tags:
+                # The reaper gave these messages back; another worker may hold them by now
+                # (same delivery tags). Never report them again, so that if this worker
+                # really dies later they are not restored from under that other worker.
+                self._surrendered.update(tags)
+                reg.heartbeat(self._held())
         except redis.RedisError as exc:
             if not self._failing:
                 logger.error(
