@@ -383,3 +383,116 @@ def test_embedded_reaper_recovers_without_a_reaper_process(ns, start_worker):
     survivor.wait_log("now runs the embedded reaper", 10)
     assert f"recovered orphans.first_slow[{result.id}]" in survivor.log()
     assert reaper_stats(app).get("recovered") == 1
+
+
+def _fabricate_dead_workers(
+    app: Any, ns: Namespace, workers: int, per_worker: int
+) -> tuple[list[str], list[str]]:
+    """Publish tasks, take them into kombu's unacked set as a consumer would, and file them
+    in the ledgers of registered workers whose heartbeat is long past. Returns the worker
+    ids and the delivery tags."""
+    import json
+
+    store = store_for(app)
+    k = RegistryKeys(store)
+    task = app.tasks["orphans.first_slow"]
+    for i in range(workers * per_worker):
+        task.delay(f"f{i}", 0)
+    conn = app.connection_for_write()
+    channel = conn.channel()
+    messages = []
+    for _ in range(workers * per_worker):
+        message = channel.basic_get(ns.queue)
+        assert message is not None
+        messages.append(message)
+    channel.qos._delivered.clear()  # this consumer "dies": close without restoring
+    conn.release()
+    wids, tags = [], []
+    client: Any = store.client
+    for w in range(workers):
+        wid = f"fake-host:{w}:{uuid.uuid4().hex[:8]}"
+        wids.append(wid)
+        for message in messages[w * per_worker : (w + 1) * per_worker]:
+            entry = {
+                "tag": message.delivery_tag,
+                "task": message.headers["task"],
+                "exchange": ns.queue,
+                "routing_key": ns.queue,
+                "t": time.time(),
+            }
+            store.run(
+                "ledger_start",
+                keys=[k.ledger(wid), k.workers, k.recoveries(message.headers["id"])],
+                args=[wid, message.headers["id"], json.dumps(entry)],
+            )
+            tags.append(message.delivery_tag)
+        client.zadd(k.workers, {wid: time.time() - 3600})
+    return wids, tags
+
+
+def test_concurrent_reaper_passes_recover_each_message_once(ns):
+    """Eight reapers racing on four dead workers (twenty unacked messages): each worker is
+    claimed once and each message restored once, straight out of kombu's unacked set."""
+    import threading
+
+    from celery_reliable.reaper import Reaper
+
+    app = ns.app(orphans.build, reliable_heartbeat_interval=0.5, reliable_worker_timeout=1)
+    wids, tags = _fabricate_dead_workers(app, ns, workers=4, per_worker=5)
+    b = broker(ns)
+    assert b.hlen(f"{ns.broker_keyprefix}unacked") == 20
+    assert b.llen(f"{ns.broker_keyprefix}{ns.queue}") == 0
+
+    results: list[Any] = []
+    barrier = threading.Barrier(8)
+
+    def race() -> None:
+        reaper = Reaper(app)
+        barrier.wait()
+        results.append(reaper.run_pass())
+        reaper.close()
+
+    threads = [threading.Thread(target=race) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 8
+    claimed = Counter(w for r in results for w in r.dead_workers)
+    assert claimed == Counter({w: 1 for w in wids})
+    restored = Counter(rec.tag for r in results for rec in r.recoveries if rec.action == "restored")
+    assert restored == Counter({t: 1 for t in tags})
+    assert b.hlen(f"{ns.broker_keyprefix}unacked") == 0
+    assert b.llen(f"{ns.broker_keyprefix}{ns.queue}") == 20
+    assert reaper_stats(app) == {"dead_workers": 4, "recovered": 20}
+    # a second round finds nothing to do
+    assert Reaper(app).run_pass().recoveries == []
+
+
+def test_reaper_once_prints_what_it_did(ns, tmp_path):
+    """`celery -A APP reliable-reaper --once` runs one pass and prints it as JSON."""
+    import json
+
+    app = ns.app(orphans.build)
+    [wid], tags = _fabricate_dead_workers(app, ns, workers=1, per_worker=2)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.apps.orphans:app",
+            "reliable-reaper",
+            "--once",
+        ],
+        env={**os.environ, **ns.env(**FAST), "PYTHONUNBUFFERED": "1"},
+        cwd=str(ROOT),
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(out.stdout)
+    assert report["dead_workers"] == [wid]
+    assert sorted(r["tag"] for r in report["recoveries"]) == sorted(tags)
+    assert {r["action"] for r in report["recoveries"]} == {"restored"}
+    assert "recovered orphans.first_slow" in out.stderr.decode()
