@@ -57,6 +57,7 @@ SNAPSHOT_ATTEMPTS = 5
 REDIS_BROKER_SCHEMES = ("redis", "rediss", "sentinel", "socket", "redis+socket")
 
 _current_worker_id: str | None = None
+_current_heartbeat: Heartbeat | None = None
 
 
 def new_worker_id(hostname: str | None = None, pid: int | None = None) -> str:
@@ -68,6 +69,11 @@ def new_worker_id(hostname: str | None = None, pid: int | None = None) -> str:
 def current_worker_id() -> str | None:
     """The id of the worker this process belongs to (MainProcess or pool child), if any."""
     return _current_worker_id
+
+
+def current_heartbeat() -> Heartbeat | None:
+    """The heartbeat of the worker whose MainProcess this is, if any."""
+    return _current_heartbeat
 
 
 def broker_is_redis(app: Any) -> bool:
@@ -210,6 +216,7 @@ class Heartbeat:
     Parameters:
       registry: the worker's registration.
       interval: seconds between beats (``reliable_heartbeat_interval``).
+      timeout: ``reliable_worker_timeout`` (silent this long, the worker may be reaped).
       report_tags: report held delivery tags (only meaningful on the Redis broker).
       companions: services started and stopped with the heartbeat (the embedded reaper).
     """
@@ -218,18 +225,27 @@ class Heartbeat:
         self,
         registry: WorkerRegistry,
         interval: float,
+        timeout: float,
         report_tags: bool,
         companions: list[Any] | None = None,
     ) -> None:
         self.registry = registry
         self.interval = interval
+        self.timeout = timeout
         self.report_tags = report_tags
         self.companions = list(companions or [])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
         self._deregistered = False
+        #: Delivery tags a reaper gave back while this worker was declared dead.
         self._surrendered: set[str] = set()
+        #: Broker QoS objects whose unacknowledged tags are surrendered on a reap.
+        self._qos: list[Any] = []
+        self._beaten = threading.Condition()
+        self._beats = 0
+        self._last_ok = time.monotonic()
+        self._stale_waited = False
 
     def start(self) -> None:
         self.beat()
@@ -246,17 +262,57 @@ class Heartbeat:
         tags = held_delivery_tags()
         return [t for t in tags if t not in self._surrendered] if self._surrendered else tags
 
+    def watch_qos(self, qos: Any) -> None:
+        """Surrender the tags unacknowledged on ``qos`` (the current task channel's) when
+        a reap is noticed."""
+        self._qos = [qos]
+
+    def _unacked_tags(self) -> set[str]:
+        tags: set[str] = set()
+        for qos in self._qos:
+            for _ in range(SNAPSHOT_ATTEMPTS):
+                try:
+                    tags.update(str(t) for t in list(getattr(qos, "_delivered", None) or ()))
+                    break
+                except RuntimeError:  # changed while copied
+                    continue
+        return tags
+
+    def reclaim(self, tag: str) -> None:
+        """``tag`` was delivered to this worker again: its ack is ours to send again."""
+        if self._surrendered:
+            self._surrendered.discard(tag)
+
+    def surrendered(self, tag: str, wait: float) -> bool:
+        """Whether a reaper gave ``tag``'s message back (so it must not be acked).
+
+        Cheap while heartbeats succeed. After a silence longer than the worker timeout the
+        first caller waits up to ``wait`` seconds for the next beat to find out.
+        """
+        if tag in self._surrendered:
+            return True
+        if time.monotonic() - self._last_ok <= self.timeout or self._stale_waited:
+            return False
+        self._stale_waited = True
+        with self._beaten:
+            seen = self._beats
+            self._beaten.wait_for(lambda: self._beats != seen, timeout=wait)
+        return tag in self._surrendered
+
     def beat(self) -> None:
         reg = self.registry
         try:
             tags = self._held() if self.report_tags else None
             was_reaped = reg.heartbeat(tags)
-            if was_reaped and tags:
+            if was_reaped:
                 # The reaper gave these messages back; another worker may hold them by now
-                # (same delivery tags). Never report them again, so that if this worker
-                # really dies later they are not restored from under that other worker.
-                self._surrendered.update(tags)
-                reg.heartbeat(self._held())
+                # (same delivery tags). Never ack or report them again, so that neither our
+                # late ack nor, if this worker really dies later, a second restore touches
+                # the other worker's copy.
+                self._surrendered.update(tags or ())
+                self._surrendered.update(self._unacked_tags())
+                if tags:
+                    reg.heartbeat(self._held())
         except redis.RedisError as exc:
             if not self._failing:
                 logger.error(
@@ -267,7 +323,11 @@ class Heartbeat:
                     self.interval,
                 )
             self._failing = True
+            self._notify()
             return
+        self._last_ok = time.monotonic()
+        self._stale_waited = False
+        self._notify()
         if self._failing:
             logger.warning("celery_reliable: heartbeat of worker %s is back", reg.worker_id)
             self._failing = False
@@ -276,10 +336,16 @@ class Heartbeat:
                 "celery_reliable: worker %s (%s) was declared DEAD by a reaper (no heartbeat "
                 "for longer than reliable_worker_timeout: paused, partitioned or overloaded). "
                 "Its in-flight and prefetched tasks were given back to the broker and may run "
-                "twice. Registered again under the same id.",
+                "twice; their acknowledgements will not be sent. Registered again under the "
+                "same id.",
                 reg.worker_id,
                 reg.node,
             )
+
+    def _notify(self) -> None:
+        with self._beaten:
+            self._beats += 1
+            self._beaten.notify_all()
 
     def stop(self) -> None:
         """Warm stop: keep beating until the pool is done (see RegistryStep)."""
@@ -343,9 +409,15 @@ class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
             companions.append(EmbeddedReaper(w.app, self.worker_id))
         self.heart = Heartbeat(
-            registry, settings.heartbeat_interval, broker_is_redis(w.app), companions
+            registry,
+            settings.heartbeat_interval,
+            settings.worker_timeout,
+            broker_is_redis(w.app),
+            companions,
         )
         heart = self.heart
+        global _current_heartbeat
+        _current_heartbeat = heart
 
         def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
             if sender is w:
@@ -411,6 +483,8 @@ def _orphans_section(app: Any) -> dict[str, int]:
 @feature
 def _install(app: Any) -> None:
     from .ledger import LedgerExtension
+    from .zombie import AckGuardStep
 
     app.steps["worker"].add(RegistryStep)
+    app.steps["consumer"].add(AckGuardStep)
     add_extension(app, LedgerExtension(app))

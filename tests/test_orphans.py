@@ -496,3 +496,32 @@ def test_reaper_once_prints_what_it_did(ns, tmp_path):
     assert sorted(r["tag"] for r in report["recoveries"]) == sorted(tags)
     assert {r["action"] for r in report["recoveries"]} == {"restored"}
     assert "recovered orphans.first_slow" in out.stderr.decode()
+
+
+def test_paused_worker_does_not_ack_away_the_recovered_copy(ns, start_worker, start_reaper):
+    """The recovered message keeps its delivery tag. The paused worker, resumed, must not
+    acknowledge it: that would delete the copy now running elsewhere from kombu's unacked
+    set, and if that second worker is killed too, nothing could bring the task back."""
+    app = ns.app(orphans.build)
+    reaper = start_reaper()
+    w1, w2 = start_pair(start_worker)
+    reaper.wait_started()
+    result = app.tasks["orphans.slow_twice"].delay("g", 5, 60)
+    first = wait_for(lambda: started(app), 30, message="the task to start")[0]
+    paused, other = (w1, w2) if first["hostname"] == w1.nodename else (w2, w1)
+    os.killpg(paused.pid, signal.SIGSTOP)
+    try:
+        second = wait_for(lambda: started(app)[1:], TIMEOUT + INTERVAL + SLACK + 5, message="2nd")
+        assert second[0]["hostname"] == other.nodename
+    finally:
+        os.killpg(paused.pid, signal.SIGCONT)
+    # the paused run ends (its sleep is long over); its ack is withheld
+    paused.wait_log("not sending the acknowledge of message", 15)
+    assert [e["hostname"] for e in events(app, "succeeded")] == [paused.nodename]
+    other.kill9()
+    third = wait_for(lambda: started(app)[2:], TIMEOUT + INTERVAL + SLACK + 5, message="3rd run")
+    assert third[0]["hostname"] == paused.nodename and third[0]["attempt"] == 3
+    wait_for(lambda: len(events(app, "succeeded")) == 2, 10, message="the third run to end")
+    assert [e["id"] for e in started(app)] == [result.id] * 3
+    assert re.search(rf"recovered orphans\.slow_twice\[{result.id}\].*recovery 2 of", reaper.log())
+    assert broker(ns).hlen(f"{ns.broker_keyprefix}unacked") == 0

@@ -42,6 +42,15 @@ def build(app: Celery) -> Celery:
         record(app, self, "succeeded", tag=tag, attempt=n)
         return tag
 
+    @app.task(base=ReliableTask, bind=True, shared=False, name="orphans.slow_twice")
+    def slow_twice(self: Any, tag: str, first: float, second: float) -> str:
+        """Sleeps ``first`` seconds on its first run, ``second`` on its second, then none."""
+        n = attempt(app, self)
+        record(app, self, "started", tag=tag, attempt=n)
+        time.sleep(first if n == 1 else second if n == 2 else 0)
+        record(app, self, "succeeded", tag=tag, attempt=n)
+        return tag
+
     @app.task(base=ReliableTask, bind=True, shared=False, name="orphans.poison")
     def poison(self: Any, x: int, note: str = "") -> None:
         """Kills its whole worker (main process and pool) every time it runs."""
