@@ -525,3 +525,37 @@ def test_paused_worker_does_not_ack_away_the_recovered_copy(ns, start_worker, st
     assert [e["id"] for e in started(app)] == [result.id] * 3
     assert re.search(rf"recovered orphans\.slow_twice\[{result.id}\].*recovery 2 of", reaper.log())
     assert broker(ns).hlen(f"{ns.broker_keyprefix}unacked") == 0
+
+
+def test_worker_and_reaper_survive_a_coordination_redis_outage(ns, start_worker, start_reaper):
+    """The coordination Redis dies and comes back empty: tasks keep running (unrecorded,
+    with a warning), heartbeat and reaper log the outage and resume, nobody is reaped."""
+    from celery_reliable.testing import RedisServer
+
+    coord = RedisServer().start()
+    try:
+        ns.redis_url = coord.url(1)
+        app = ns.app(orphans.build)
+        reaper = start_reaper()
+        worker = start_worker("orphans", name="w1", env=FAST)
+        reaper.wait_started()
+        touched = f"{ns.prefix}:test:touched"
+        b = broker(ns)
+        coord.kill()
+        for i in range(3):
+            app.tasks["orphans.touch"].delay(f"during-{i}")
+        wait_for(lambda: b.llen(touched) == 3, 30, message="3 tasks run during the outage")
+        worker.wait_log("could not record orphans.touch", 10)
+        worker.wait_log("failed (", 10)
+        wait_for(lambda: "reaper: pass failed" in reaper.log(), 10, message="reaper logs it")
+        coord.start()
+        worker.wait_log("is back", 15)
+        wait_for(lambda: "passes succeed again" in reaper.log(), 15, message="reaper resumes")
+        app.tasks["orphans.touch"].delay("after")
+        wait_for(lambda: b.llen(touched) == 4, 15, message="a task after the outage")
+        [row] = live_workers(app)
+        assert row["node"] == worker.nodename and row["alive"]
+        assert worker.alive and "declared DEAD" not in worker.log()
+        assert "dead_workers" not in reaper_stats(app)
+    finally:
+        coord.close()

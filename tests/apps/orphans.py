@@ -8,6 +8,7 @@ import signal
 import time
 from typing import Any
 
+import redis
 from celery import Celery
 
 from celery_reliable import ReliableTask
@@ -49,6 +50,13 @@ def build(app: Celery) -> Celery:
         record(app, self, "started", tag=tag, attempt=n)
         time.sleep(first if n == 1 else second if n == 2 else 0)
         record(app, self, "succeeded", tag=tag, attempt=n)
+        return tag
+
+    @app.task(base=ReliableTask, bind=True, shared=False, name="orphans.touch")
+    def touch(self: Any, tag: str) -> str:
+        """Records its run in the *broker's* Redis (for tests that stop the other one)."""
+        client = redis.Redis.from_url(app.conf.broker_url)
+        client.rpush(f"{app.conf.reliable_key_prefix}:test:touched", tag)
         return tag
 
     @app.task(base=ReliableTask, bind=True, shared=False, name="orphans.poison")
