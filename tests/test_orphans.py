@@ -5,6 +5,7 @@ whatever the broker's visibility timeout, exactly once, and dead-letters poison 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -40,6 +41,8 @@ FAST = {
 #: The guarantee: rerun within worker timeout + reaper interval + this much.
 SLACK = 5.0
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+#: The celery command line for the test app.
+CELERY = [sys.executable, "-m", "celery", "-A", "tests.apps.orphans:app"]
 
 
 class ReaperProcess:
@@ -242,6 +245,17 @@ def test_two_reapers_recover_each_orphan_exactly_once(ns, start_worker, start_re
     # status shows the survivor by node name; a clean SIGTERM deregisters it
     [row] = live_workers(app)
     assert row["node"] == w2.nodename and row["alive"] and row["in_flight"] == 0
+    status = subprocess.run(
+        [*CELERY, "reliable", "status", "--json"],
+        env={**os.environ, **ns.env(**FAST)},
+        cwd=str(ROOT),
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(status.stdout)
+    assert [w["node"] for w in report["workers"]] == [w2.nodename]
+    assert report["orphans"]["recovered"] == 2
     w2.terminate()
     assert w2.wait_exit(30) == 0
     assert live_workers(app) == []
@@ -391,8 +405,6 @@ def _fabricate_dead_workers(
     """Publish tasks, take them into kombu's unacked set as a consumer would, and file them
     in the ledgers of registered workers whose heartbeat is long past. Returns the worker
     ids and the delivery tags."""
-    import json
-
     store = store_for(app)
     k = RegistryKeys(store)
     task = app.tasks["orphans.first_slow"]
@@ -471,8 +483,6 @@ def test_concurrent_reaper_passes_recover_each_message_once(ns):
 
 def test_reaper_once_prints_what_it_did(ns, tmp_path):
     """`celery -A APP reliable-reaper --once` runs one pass and prints it as JSON."""
-    import json
-
     app = ns.app(orphans.build)
     [wid], tags = _fabricate_dead_workers(app, ns, workers=1, per_worker=2)
     out = subprocess.run(
