@@ -66,7 +66,8 @@ class Recovery:
     ``action`` is one of ``restored`` (back on its queue), ``dead_lettered`` (recovered
     too often), ``broker_redelivers`` (AMQP: the broker already did it), ``restored_prefetched``
     (prefetched, never started), ``gone`` (no longer unacknowledged: acked or already
-    restored) or ``moved`` (another worker received it since).
+    restored), ``moved`` (another worker received it since) or ``error`` (an unreadable
+    ledger entry, logged).
     """
 
     worker_id: str
@@ -295,10 +296,16 @@ class Reaper:
         done: list[Recovery] = []
         started_tags = set()
         for task_id, raw in sorted(ledger.items()):
-            entry = json.loads(raw)
-            if entry.get("tag"):
-                started_tags.add(str(entry["tag"]))
-            done.append(self._recover_started(wid, node, task_id, entry))
+            try:
+                entry = json.loads(raw)
+                if entry.get("tag"):
+                    started_tags.add(str(entry["tag"]))
+                done.append(self._recover_started(wid, node, task_id, entry))
+            except self._errors:
+                raise  # Redis or broker trouble: the whole claim is retried next pass
+            except Exception:
+                logger.exception("reaper: cannot recover %s of worker %s (%r)", task_id, wid, raw)
+                done.append(Recovery(wid, node, task_id, None, None, "error"))
         if self.restorer is not None:
             for tag, reported in sorted(held.items()):
                 if tag in started_tags:
@@ -438,6 +445,10 @@ class Reaper:
                 if not failing:
                     logger.error("reaper: pass failed (%r); retrying every %.1fs", exc, interval)
                 failing = True
+                if self.restorer is not None:
+                    self.restorer.close()
+            except Exception:
+                logger.exception("reaper: pass failed; retrying in %.1fs", interval)
                 if self.restorer is not None:
                     self.restorer.close()
             stop.wait(max(0.0, interval - (time.monotonic() - started)))

@@ -401,6 +401,7 @@ class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.heart: Heartbeat | None = None
 
     def create(self, w: Any) -> Heartbeat:
+        global _current_heartbeat
         settings = settings_of(w.app)
         registry = WorkerRegistry(w.app, self.worker_id, w.hostname)
         companions: list[Any] = []
@@ -416,7 +417,6 @@ class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
             companions,
         )
         heart = self.heart
-        global _current_heartbeat
         _current_heartbeat = heart
 
         def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
