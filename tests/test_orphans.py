@@ -312,8 +312,9 @@ def test_amqp_broker_redelivers_and_reaper_only_cleans_up_and_counts(
     app = install(orphans.build(make_app("producer", AMQP_URL, ns.redis_url, ns.prefix, queue)))
     try:
         reaper = start_reaper(env=env)
-        w1 = start_worker("orphans", name="w1", env={**FAST, **env}, wait=False)
-        w2 = start_worker("orphans", name="w2", env={**FAST, **env}, wait=False)
+        # node names unique on the shared RabbitMQ (their pidbox queues are exclusive)
+        w1 = start_worker("orphans", name=f"w1-{queue}", env={**FAST, **env}, wait=False)
+        w2 = start_worker("orphans", name=f"w2-{queue}", env={**FAST, **env}, wait=False)
         w1.wait_ready()
         w2.wait_ready()
         reaper.wait_started()
@@ -355,7 +356,9 @@ def test_amqp_task_that_kills_its_worker_every_time_is_dead_lettered_at_start(
     try:
         reaper = start_reaper(env=env)
         workers = [
-            start_worker("orphans", name=f"w{i}", concurrency=1, env={**FAST, **env}, wait=False)
+            start_worker(
+                "orphans", name=f"w{i}-{queue}", concurrency=1, env={**FAST, **env}, wait=False
+            )
             for i in range(3)
         ]
         for w in workers:
@@ -365,7 +368,7 @@ def test_amqp_task_that_kills_its_worker_every_time_is_dead_lettered_at_start(
         wait_for(lambda: not any(w.alive for w in workers), 30, message="3 dead workers")
         assert [e["id"] for e in started(app)] == [result.id] * 3
         wait_for(lambda: reaper_stats(app).get("recovered") == 3, 15, message="3 recoveries")
-        last = start_worker("orphans", name="w3", concurrency=1, env={**FAST, **env})
+        last = start_worker("orphans", name=f"w3-{queue}", concurrency=1, env={**FAST, **env})
         store = DeadLetterStore(app)
         wait_for(lambda: store.count() == 1, 15, message="the dead letter")
         entry = store.get(result.id)
@@ -569,3 +572,30 @@ def test_worker_and_reaper_survive_a_coordination_redis_outage(ns, start_worker,
         assert "dead_workers" not in reaper_stats(app)
     finally:
         coord.close()
+
+
+def test_worker_ids_are_unique_even_for_the_same_host_and_pid():
+    from celery_reliable.registry import new_worker_id
+
+    ids = {new_worker_id("web-1", 42) for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(i.startswith("web-1:42:") and "{" not in i for i in ids)
+    assert new_worker_id("we{ird}", 1).startswith("weird:1:")  # no hash-tag braces in keys
+
+
+@pytest.mark.parametrize(
+    ("url", "redis_broker"),
+    [
+        ("redis://localhost:6379/0", True),
+        ("rediss://:pw@cache:6380/1", True),
+        ("sentinel://s1:26379;sentinel://s2:26379", True),
+        ("amqp://guest:guest@127.0.0.1:5672//", False),
+        ("pyamqp://localhost//", False),
+    ],
+)
+def test_broker_kind_decides_how_orphans_are_recovered(url, redis_broker):
+    from celery import Celery
+
+    from celery_reliable.registry import broker_is_redis
+
+    assert broker_is_redis(Celery("x", broker=url)) is redis_broker
