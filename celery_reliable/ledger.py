@@ -1,0 +1,176 @@
+"""In-flight ledger: which worker runs which ReliableTask, so a reaper can recover it.
+
+A :class:`LedgerExtension` runs in the pool process around every ReliableTask. At start it
+writes ``task id -> {delivery tag, task, exchange, routing key, start time}`` into the
+ledger of the worker (``<prefix>:{reaper}:ledger:<worker id>``) and reads the task's
+recovery count, in one Lua round trip; at the end it removes the entry, in one more. A task
+recovered more than ``reliable_max_recoveries`` times is dead-lettered (reason
+``orphaned``) instead of run: on the Redis broker the reaper does that itself, but on
+RabbitMQ the broker redelivers a dead consumer's messages on its own, so this check is how
+a task that kills its worker every time ends there.
+
+If the end script finds the entry gone, a reaper declared the worker dead while the task
+ran (a long pause, a partition): the task was given back to the broker and probably ran a
+second time. That is logged as a warning and counted (``duplicates`` in the status).
+
+Examples:
+    >>> add_extension(app, LedgerExtension(app))      # done by install(app)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+from celery.exceptions import Ignore, Reject
+
+from .deadletter import DeadLetterStore
+from .extensions import ORDER_LEDGER, Outcome
+from .install import settings_of
+from .registry import RegistryKeys, current_worker_id
+from .store import store_for
+
+if TYPE_CHECKING:
+    from .task import ReliableTask
+
+logger = logging.getLogger(__name__)
+
+#: Outcomes after which the task is over for good (its recovery count is forgotten).
+TERMINAL_OUTCOMES = ("succeeded", "failed")
+#: Attribute of ``task.request`` naming the worker id the run was recorded under.
+_RECORDED_ATTR = "_reliable_ledger_worker"
+
+
+class RecoveredTooOften(Ignore):
+    """The task was orphaned more than ``reliable_max_recoveries`` times: it was
+    dead-lettered (reason ``orphaned``) instead of run, and its message is acknowledged."""
+
+    def __init__(self, task_id: str, recoveries: int, limit: int) -> None:
+        self.task_id = task_id
+        self.recoveries = recoveries
+        self.limit = limit
+        super().__init__(
+            f"task {task_id} was orphaned {recoveries} times "
+            f"(reliable_max_recoveries={limit}): its worker died each time it ran"
+        )
+
+
+class LedgerExtension:
+    """Record each ReliableTask run in its worker's ledger; dead-letter poison tasks.
+
+    Parameters:
+      app: the Celery app.
+    """
+
+    name = "ledger"
+    order = ORDER_LEDGER
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def applies(self, task: ReliableTask) -> bool:
+        return True
+
+    def before_start(
+        self, task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        worker_id = current_worker_id()
+        if worker_id is None:  # not inside a worker that runs the registry step
+            return
+        request = task.request
+        store = store_for(self.app)
+        keys = RegistryKeys(store)
+        properties = request.properties or {}
+        info = request.delivery_info or {}
+        entry = {
+            "tag": properties.get("delivery_tag"),
+            "task": task.name,
+            "exchange": info.get("exchange"),
+            "routing_key": info.get("routing_key"),
+            "t": time.time(),
+            "pid": os.getpid(),
+        }
+        try:
+            recoveries = int(
+                store.run(
+                    "ledger_start",
+                    keys=[keys.ledger(worker_id), keys.workers, keys.recoveries(request.id)],
+                    args=[worker_id, request.id, json.dumps(entry)],
+                )
+            )
+        except redis.RedisError as exc:
+            logger.warning(
+                "celery_reliable: could not record %s[%s] in the in-flight ledger (%r); it runs"
+                " unrecorded (recovered only by the broker's visibility timeout if lost)",
+                task.name,
+                request.id,
+                exc,
+            )
+            return
+        setattr(request, _RECORDED_ATTR, worker_id)
+        limit = settings_of(self.app).max_recoveries
+        if recoveries > limit:
+            self._give_up(task, recoveries, limit)
+
+    def _give_up(self, task: ReliableTask, recoveries: int, limit: int) -> None:
+        exc = RecoveredTooOften(task.request.id, recoveries, limit)
+        if task.dead_letter:
+            entry = task.dead_letter_entry(exc, "orphaned", None)
+            try:
+                DeadLetterStore(self.app).add(entry)
+            except Exception as store_exc:
+                # Never drop a task we could not record: put the message back for later.
+                logger.error(
+                    "Could not dead-letter %s[%s] (%r); requeueing the message",
+                    task.name,
+                    task.request.id,
+                    store_exc,
+                )
+                self._remove(task, terminal=False)
+                raise Reject(store_exc, requeue=True) from exc
+        else:
+            logger.error("%s; dead_letter=False, so it is dropped", exc)
+        self._remove(task, terminal=True)
+        raise exc
+
+    def after_return(self, task: ReliableTask, outcome: Outcome) -> None:
+        self._remove(task, terminal=outcome.kind in TERMINAL_OUTCOMES)
+
+    def _remove(self, task: ReliableTask, terminal: bool) -> None:
+        request = task.request
+        worker_id = getattr(request, _RECORDED_ATTR, None)
+        if worker_id is None:
+            return
+        setattr(request, _RECORDED_ATTR, None)
+        store = store_for(self.app)
+        keys = RegistryKeys(store)
+        try:
+            removed = int(
+                store.run(
+                    "ledger_end",
+                    keys=[keys.ledger(worker_id), keys.recoveries(request.id), keys.stats],
+                    args=[request.id, "1" if terminal else "0"],
+                )
+            )
+        except redis.RedisError as exc:
+            logger.warning(
+                "celery_reliable: could not remove %s[%s] from the in-flight ledger (%r); if"
+                " this worker dies before its next clean deregistration a reaper may give the"
+                " (already acknowledged) message back, which is then a no-op",
+                task.name,
+                request.id,
+                exc,
+            )
+            return
+        if not removed:
+            logger.warning(
+                "celery_reliable: %s[%s] finished on worker %s after a reaper had declared the"
+                " worker dead and recovered the task: it has probably run twice",
+                task.name,
+                request.id,
+                worker_id,
+            )

@@ -1,0 +1,23 @@
+-- One worker heartbeat: refresh the registration and the delivery tags the worker holds.
+--
+-- KEYS[1] workers  ZSET  worker id -> last heartbeat (Redis time, Unix seconds)
+-- KEYS[2] info     HASH  worker id -> JSON {node, hostname, pid, started_at, ...}
+-- KEYS[3] held     HASH  delivery tag -> worker-clock time it was reported (this worker)
+-- KEYS[4] reaped   STRING set by a reaper that declared this worker dead
+-- ARGV[1] worker id, ARGV[2] info JSON, ARGV[3] report time (worker clock)
+-- ARGV[4] 1 to replace the held tags with ARGV[5..], 0 to leave them alone
+-- ARGV[5..] delivery tags held (prefetched or running)
+--
+-- Returns {was_reaped (0/1), now}. A reaped worker is registered again under the same id.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local was_reaped = redis.call('DEL', KEYS[4])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if ARGV[4] == '1' then
+  redis.call('DEL', KEYS[3])
+  for i = 5, #ARGV do
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[3])
+  end
+end
+return {was_reaped, tostring(now)}

@@ -1,0 +1,458 @@
+"""The orphan reaper: recover the in-flight tasks of workers that stopped heartbeating.
+
+One pass (:meth:`Reaper.run_pass`) reads the registry for workers whose last heartbeat is
+older than ``reliable_worker_timeout`` (a range read of one ZSET; the keyspace is never
+scanned), claims each one atomically (so several reapers never recover the same worker
+twice) and recovers everything it held:
+
+- **Redis broker.** Each task in the worker's ledger is put back on its queue by restoring
+  *that very message* from kombu's ``unacked`` hash (WATCH/MULTI, as kombu's own
+  ``restore_by_tag`` does): it leaves ``unacked``, so the broker's visibility timeout never
+  brings it back a second time. Its recovery count goes up; past
+  ``reliable_max_recoveries`` it is dead-lettered (reason ``orphaned``, with its arguments
+  read from the message) and removed from ``unacked`` instead. Messages the worker had
+  prefetched but not started (reported by its heartbeat) are restored too, without counting.
+  A message is only restored if the dead worker is still its latest receiver (its
+  ``unacked_index`` score is not newer than when the worker started or reported it).
+- **RabbitMQ.** The broker already redelivered the dead consumer's unacknowledged messages
+  when its connection dropped: nothing is published. The reaper clears the worker's ledger
+  and registration and counts the recovery; the ledger's start check then dead-letters a
+  task recovered too often.
+
+The CLI (``celery -A APP reliable-reaper``) and tests call the same :class:`Reaper`.
+
+Examples:
+    >>> reaper = Reaper(app)
+    >>> result = reaper.run_pass()
+    >>> [(r.task_id, r.action) for r in result.recoveries]
+    [('4c1f...', 'restored')]
+    >>> reaper.run_forever(interval=2.0)      # until stop is set / SIGTERM in the CLI
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from kombu.utils.encoding import bytes_to_str
+
+from .deadletter import DeadLetter, DeadLetterStore, now
+from .install import settings_of
+from .registry import REAPED_MARKER_TTL, RECOVERY_COUNT_TTL, RegistryKeys, broker_is_redis
+from .store import store_for
+
+logger = logging.getLogger(__name__)
+
+#: Dead workers claimed per pass at most (the rest wait for the next pass).
+CLAIM_BATCH = 100
+#: Seconds after which another reaper may take over a claim whose reaper did not finish.
+CLAIM_LEASE = 60.0
+
+#: Functions ``(app, worker_id) -> None`` run after a dead worker was recovered, for
+#: features that keep per-worker state (held keys, probe tokens) to release it.
+reap_hooks: list[Callable[[Any, str], None]] = []
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What the reaper did with one message of a dead worker.
+
+    ``action`` is one of ``restored`` (back on its queue), ``dead_lettered`` (recovered
+    too often), ``broker_redelivers`` (AMQP: the broker already did it), ``restored_prefetched``
+    (prefetched, never started), ``gone`` (no longer unacknowledged: acked or already
+    restored), ``moved`` (another worker received it since) or ``error`` (an unreadable
+    ledger entry, logged).
+    """
+
+    worker_id: str
+    node: str | None
+    task_id: str | None
+    task: str | None
+    tag: str | None
+    action: str
+    recoveries: int = 0
+
+
+@dataclass
+class PassResult:
+    """One reaper pass: the workers declared dead and what happened to their messages."""
+
+    dead_workers: list[str] = field(default_factory=list)
+    recoveries: list[Recovery] = field(default_factory=list)
+
+
+class RedisBrokerRestorer:
+    """Restores or removes single messages in kombu's Redis ``unacked`` hash.
+
+    Parameters:
+      app: the app, whose broker URL and ``broker_transport_options`` (``global_keyprefix``,
+        ``unacked_key``...) are used exactly as its workers use them.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._conn: Any = None
+        self._channel: Any = None
+
+    @property
+    def channel(self) -> Any:
+        if self._channel is None:
+            conn = self.app.connection_for_write()
+            conn.ensure_connection(max_retries=3)
+            self._conn, self._channel = conn, conn.default_channel
+        return self._channel
+
+    def close(self) -> None:
+        conn, self._conn, self._channel = self._conn, None, None
+        if conn is not None:
+            try:
+                conn.release()
+            except Exception:  # closing a broken connection: nothing left to do
+                logger.debug("closing the broker connection failed", exc_info=True)
+
+    def restore(self, tag: str, not_after: float | None) -> str:
+        """Put the message back on its queue (``restored``), unless it is ``gone`` from
+        ``unacked`` or was received again after ``not_after`` (``moved``)."""
+        channel = self.channel
+        qos = channel.qos
+        outcome = ["gone"]
+
+        def transaction(pipe: Any) -> None:
+            raw = pipe.hget(qos.unacked_key, tag)
+            score = pipe.zscore(qos.unacked_index_key, tag)
+            pipe.multi()
+            if not raw:
+                outcome[0] = "gone"
+                return
+            if not_after is not None and score is not None and float(score) > not_after:
+                outcome[0] = "moved"
+                return
+            qos._remove_from_indices(tag, pipe)
+            payload, exchange, routing_key = json.loads(bytes_to_str(raw))
+            channel._do_restore_message(payload, exchange, routing_key, pipe, False)
+            outcome[0] = "restored"
+
+        with channel.conn_or_acquire() as client:
+            client.transaction(transaction, qos.unacked_key)
+        return outcome[0]
+
+    def read(self, tag: str, not_after: float | None) -> tuple[str, Any] | None:
+        """The raw ``unacked`` entry and its decoded message, or None when gone/moved."""
+        channel = self.channel
+        qos = channel.qos
+        with channel.conn_or_acquire() as client:
+            raw = client.hget(qos.unacked_key, tag)
+            score = client.zscore(qos.unacked_index_key, tag)
+        if not raw or (not_after is not None and score is not None and float(score) > not_after):
+            return None
+        payload, exchange, routing_key = json.loads(bytes_to_str(raw))
+        message = channel.Message(payload, channel=channel)
+        return bytes_to_str(raw), (message, exchange, routing_key)
+
+    def remove(self, tag: str, raw: str) -> bool:
+        """Remove the entry from ``unacked`` if it is still ``raw``; True when removed."""
+        channel = self.channel
+        qos = channel.qos
+        removed = [False]
+
+        def transaction(pipe: Any) -> None:
+            current = pipe.hget(qos.unacked_key, tag)
+            pipe.multi()
+            if current is not None and bytes_to_str(current) == raw:
+                qos._remove_from_indices(tag, pipe)
+                removed[0] = True
+
+        with channel.conn_or_acquire() as client:
+            client.transaction(transaction, qos.unacked_key)
+        return removed[0]
+
+
+def orphaned_dead_letter(
+    message: Any, exchange: str | None, routing_key: str | None, recoveries: int, node: str | None
+) -> DeadLetter:
+    """A dead letter (reason ``orphaned``) for a message read from ``unacked``."""
+    headers = dict(message.headers or {})
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    try:
+        body = message.decode()
+        if isinstance(body, list | tuple) and len(body) >= 2:  # task protocol 2
+            args, kwargs = list(body[0]), dict(body[1])
+        elif isinstance(body, dict):  # task protocol 1
+            args, kwargs = list(body.get("args", ())), dict(body.get("kwargs", {}))
+    except Exception:
+        logger.exception("could not decode the body of orphaned task %s", headers.get("id"))
+    task_id = str(headers.get("id") or message.delivery_tag)
+    limit = recoveries - 1
+    return DeadLetter(
+        id=task_id,
+        task_id=task_id,
+        task=headers.get("task"),
+        args=args,
+        kwargs=kwargs,
+        queue=routing_key,
+        reason="orphaned",
+        exception="celery_reliable.ledger.RecoveredTooOften",
+        error=(
+            f"task {task_id} was orphaned {recoveries} times "
+            f"(reliable_max_recoveries={limit}): its worker died each time it ran"
+        ),
+        traceback=None,
+        retries=int(headers.get("retries") or 0),
+        hostname=node,
+        failed_at=now(),
+        exchange=exchange,
+        routing_key=routing_key,
+        priority=(message.properties or {}).get("priority"),
+        headers={k: v for k, v in headers.items() if str(k).startswith("x-")},
+    )
+
+
+class Reaper:
+    """Finds dead workers and recovers their in-flight tasks (see the module docstring).
+
+    Parameters:
+      app: the Celery app (its broker and ``reliable_*`` settings).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.settings = settings_of(app)
+        self.store = store_for(app)
+        self.keys = RegistryKeys(self.store)
+        self.redis_broker = broker_is_redis(app)
+        self.restorer = RedisBrokerRestorer(app) if self.redis_broker else None
+        self._pending: dict[str, str | None] = {}  # claimed worker id -> node name
+        conn = app.connection_for_write()
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.RedisError,
+            OSError,
+            *conn.connection_errors,
+            *conn.channel_errors,
+        )
+
+    # --- one pass ---
+
+    def run_pass(self) -> PassResult:
+        """Claim every dead worker and recover what it held. Safe to run concurrently."""
+        result = PassResult()
+        client: Any = self.store.client
+        seconds, micros = client.time()
+        clock = seconds + micros / 1e6
+        k = self.keys
+        for wid in client.zrangebyscore(
+            k.claims, "-inf", clock - CLAIM_LEASE, start=0, num=CLAIM_BATCH
+        ):
+            if self.store.run("reaper_reclaim", keys=[k.claims], args=[wid, CLAIM_LEASE]):
+                logger.warning("reaper: taking over the unfinished recovery of worker %s", wid)
+                self._pending.setdefault(wid, None)
+        for wid in client.zrangebyscore(
+            k.workers, "-inf", clock - self.settings.worker_timeout, start=0, num=CLAIM_BATCH
+        ):
+            claimed = self.store.run(
+                "reaper_claim",
+                keys=[
+                    k.workers,
+                    k.info,
+                    k.ledger(wid),
+                    k.held(wid),
+                    k.claimed_ledger(wid),
+                    k.claimed_held(wid),
+                    k.claims,
+                    k.reaped(wid),
+                ],
+                args=[wid, self.settings.worker_timeout, REAPED_MARKER_TTL],
+            )
+            if not claimed:
+                continue
+            info = json.loads(claimed[1]) if claimed[1] else {}
+            node = info.get("node")
+            logger.warning(
+                "reaper: worker %s (%s) is dead: no heartbeat for %.1fs "
+                "(reliable_worker_timeout=%.1fs); recovering its tasks",
+                wid,
+                node,
+                float(claimed[2]),
+                self.settings.worker_timeout,
+            )
+            result.dead_workers.append(wid)
+            self._pending[wid] = node
+        for wid, node in list(self._pending.items()):
+            result.recoveries.extend(self._recover_worker(wid, node))
+            del self._pending[wid]
+        return result
+
+    def _recover_worker(self, wid: str, node: str | None) -> list[Recovery]:
+        client: Any = self.store.client
+        k = self.keys
+        ledger = client.hgetall(k.claimed_ledger(wid))
+        held = client.hgetall(k.claimed_held(wid))
+        done: list[Recovery] = []
+        started_tags = set()
+        for task_id, raw in sorted(ledger.items()):
+            try:
+                entry = json.loads(raw)
+                if entry.get("tag"):
+                    started_tags.add(str(entry["tag"]))
+                done.append(self._recover_started(wid, node, task_id, entry))
+            except self._errors:
+                raise  # Redis or broker trouble: the whole claim is retried next pass
+            except Exception:
+                logger.exception("reaper: cannot recover %s of worker %s (%r)", task_id, wid, raw)
+                done.append(Recovery(wid, node, task_id, None, None, "error"))
+        if self.restorer is not None:
+            for tag, reported in sorted(held.items()):
+                if tag in started_tags:
+                    continue
+                action = self.restorer.restore(tag, float(reported))
+                if action == "restored":
+                    action = "restored_prefetched"
+                    client.hincrby(k.stats, "restored_prefetched", 1)
+                    logger.warning(
+                        "reaper: gave back prefetched message %s of dead worker %s", tag, wid
+                    )
+                done.append(Recovery(wid, node, None, None, tag, action))
+        for hook in reap_hooks:
+            try:
+                hook(self.app, wid)
+            except Exception:
+                logger.exception("reaper: hook %r failed for worker %s", hook, wid)
+        pipe = client.pipeline(transaction=True)
+        pipe.delete(k.claimed_ledger(wid), k.claimed_held(wid))
+        pipe.zrem(k.claims, wid)
+        pipe.hincrby(k.stats, "dead_workers", 1)
+        pipe.execute()
+        return done
+
+    def _recover_started(
+        self, wid: str, node: str | None, task_id: str, entry: dict[str, Any]
+    ) -> Recovery:
+        client: Any = self.store.client
+        k = self.keys
+        count_key = k.recoveries(task_id)
+        name, tag = entry.get("task"), entry.get("tag")
+        limit = self.settings.max_recoveries
+        if self.restorer is None:
+            # AMQP: the broker redelivered it when the connection dropped; only count it.
+            pipe = client.pipeline(transaction=True)
+            pipe.incr(count_key)
+            pipe.expire(count_key, RECOVERY_COUNT_TTL)
+            pipe.hincrby(k.stats, "recovered", 1)
+            count = int(pipe.execute()[0])
+            logger.warning(
+                "reaper: %s[%s] of dead worker %s (%s): redelivered by the broker, not "
+                "published again (recovery %d of %d)",
+                name,
+                task_id,
+                wid,
+                node,
+                count,
+                limit,
+            )
+            return Recovery(wid, node, task_id, name, tag, "broker_redelivers", count)
+        if not tag:
+            logger.error("reaper: %s[%s] of worker %s has no delivery tag", name, task_id, wid)
+            return Recovery(wid, node, task_id, name, tag, "gone")
+        count = int(client.get(count_key) or 0) + 1
+        started = float(entry.get("t") or 0) or None
+        if count > limit:
+            return self._dead_letter(wid, node, task_id, name, str(tag), started, count)
+        action = self.restorer.restore(str(tag), started)
+        if action == "restored":
+            pipe = client.pipeline(transaction=True)
+            pipe.set(count_key, count, ex=RECOVERY_COUNT_TTL)
+            pipe.hincrby(k.stats, "recovered", 1)
+            pipe.execute()
+            logger.warning(
+                "reaper: recovered %s[%s] of dead worker %s (%s): message %s back on its "
+                "queue (recovery %d of %d)",
+                name,
+                task_id,
+                wid,
+                node,
+                tag,
+                count,
+                limit,
+            )
+        else:
+            logger.info(
+                "reaper: %s[%s] of dead worker %s: message %s %s, nothing to do",
+                name,
+                task_id,
+                wid,
+                tag,
+                "already acknowledged or restored" if action == "gone" else "received again",
+            )
+        return Recovery(wid, node, task_id, name, str(tag), action, count)
+
+    def _dead_letter(
+        self,
+        wid: str,
+        node: str | None,
+        task_id: str,
+        name: str | None,
+        tag: str,
+        started: float | None,
+        count: int,
+    ) -> Recovery:
+        assert self.restorer is not None
+        found = self.restorer.read(tag, started)
+        if found is None:
+            return Recovery(wid, node, task_id, name, tag, "gone", count)
+        raw, (message, exchange, routing_key) = found
+        entry = orphaned_dead_letter(message, exchange, routing_key, count, node)
+        DeadLetterStore(self.app).add(entry)  # idempotent by task id: safe to repeat
+        self.restorer.remove(tag, raw)
+        client: Any = self.store.client
+        pipe = client.pipeline(transaction=True)
+        pipe.delete(self.keys.recoveries(task_id))
+        pipe.hincrby(self.keys.stats, "dead_lettered", 1)
+        pipe.execute()
+        logger.error(
+            "reaper: %s[%s] was orphaned %d times (reliable_max_recoveries=%d): dead-lettered"
+            " as 'orphaned' instead of recovered",
+            name,
+            task_id,
+            count,
+            self.settings.max_recoveries,
+        )
+        return Recovery(wid, node, task_id, name, tag, "dead_lettered", count)
+
+    # --- running ---
+
+    def run_forever(
+        self, interval: float | None = None, stop: threading.Event | None = None
+    ) -> None:
+        """Run passes every ``interval`` seconds (``reliable_reaper_interval``) until
+        ``stop`` is set. Redis or broker outages are logged and retried, never fatal."""
+        interval = interval or self.settings.reaper_interval
+        stop = stop or threading.Event()
+        failing = False
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                self.run_pass()
+                if failing:
+                    logger.warning("reaper: passes succeed again")
+                failing = False
+            except self._errors as exc:
+                if not failing:
+                    logger.error("reaper: pass failed (%r); retrying every %.1fs", exc, interval)
+                failing = True
+                if self.restorer is not None:
+                    self.restorer.close()
+            except Exception:
+                logger.exception("reaper: pass failed; retrying in %.1fs", interval)
+                if self.restorer is not None:
+                    self.restorer.close()
+            stop.wait(max(0.0, interval - (time.monotonic() - started)))
+
+    def close(self) -> None:
+        if self.restorer is not None:
+            self.restorer.close()

@@ -1,0 +1,490 @@
+"""Worker registry: every worker has a unique id, heartbeats into Redis, and deregisters.
+
+A worker bootstep gives the worker, before its pool forks, an id made of the host name, the
+MainProcess pid and a random part (``host:1234:9f2c01ab``; the same host restarting is a new
+worker). Pool processes inherit it, so the in-flight ledger (:mod:`celery_reliable.ledger`)
+files each task under its worker. A thread of the MainProcess heartbeats every
+``reliable_heartbeat_interval`` seconds (independent of Celery's gossip and heartbeat
+events) and reports the broker delivery tags the worker holds (prefetched and running), so
+a reaper can give those back too when the worker dies (:mod:`celery_reliable.reaper`). A
+warm shutdown deregisters the worker after its pool has stopped; a cold one right away.
+
+Keys (one ``{reaper}`` hash tag, so every script also runs on Redis Cluster)::
+
+    <prefix>:{reaper}:workers          ZSET  worker id -> last heartbeat (Redis clock)
+    <prefix>:{reaper}:info             HASH  worker id -> JSON (node name, host, pid...)
+    <prefix>:{reaper}:ledger:<id>      HASH  task id -> JSON (delivery tag, task, route)
+    <prefix>:{reaper}:held:<id>        HASH  delivery tag -> report time (worker clock)
+    <prefix>:{reaper}:reaped:<id>      STRING a reaper declared this worker dead
+    <prefix>:{reaper}:rec:<task id>    STRING recoveries of that task (expires)
+    <prefix>:{reaper}:claims           ZSET  worker id -> claim time (reaper at work)
+    <prefix>:{reaper}:stats            HASH  counters (recovered, dead_lettered...)
+
+Examples:
+    >>> celery_reliable.install(app)          # adds the bootstep
+    >>> [w["node"] for w in live_workers(app)]
+    ['w1@host']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import bootsteps, signals
+
+from .install import add_extension, feature, settings_of
+from .status import register
+from .store import RedisStore, store_for
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a "you were declared dead" marker waits for its (paused) worker to read it.
+REAPED_MARKER_TTL = 24 * 3600
+#: Seconds a task's recovery count is kept after its last recovery.
+RECOVERY_COUNT_TTL = 7 * 24 * 3600
+#: Attempts at copying the reserved-requests set while the event loop mutates it.
+SNAPSHOT_ATTEMPTS = 5
+#: URL schemes of kombu's Redis transport (the reaper restores messages itself there).
+REDIS_BROKER_SCHEMES = ("redis", "rediss", "sentinel", "socket", "redis+socket")
+
+_current_worker_id: str | None = None
+_current_heartbeat: Heartbeat | None = None
+
+
+def new_worker_id(hostname: str | None = None, pid: int | None = None) -> str:
+    """A fresh, unique worker id: ``<host>:<pid>:<8 random hex digits>``."""
+    host = (hostname or socket.gethostname()).replace("{", "").replace("}", "")
+    return f"{host}:{pid or os.getpid()}:{secrets.token_hex(4)}"
+
+
+def current_worker_id() -> str | None:
+    """The id of the worker this process belongs to (MainProcess or pool child), if any."""
+    return _current_worker_id
+
+
+def current_heartbeat() -> Heartbeat | None:
+    """The heartbeat of the worker whose MainProcess this is, if any."""
+    return _current_heartbeat
+
+
+def broker_is_redis(app: Any) -> bool:
+    """True when ``app``'s broker is kombu's Redis transport."""
+    url = app.conf.broker_url or ""
+    if not isinstance(url, str):
+        return False
+    return url.split(";")[0].split("://")[0].lower() in REDIS_BROKER_SCHEMES
+
+
+@dataclass(frozen=True)
+class RegistryKeys:
+    """Names of the registry's keys under one store's prefix (all in one hash slot)."""
+
+    store: RedisStore
+
+    def _k(self, *parts: str) -> str:
+        return self.store.key("{reaper}", *parts)
+
+    @property
+    def workers(self) -> str:
+        return self._k("workers")
+
+    @property
+    def info(self) -> str:
+        return self._k("info")
+
+    @property
+    def claims(self) -> str:
+        return self._k("claims")
+
+    @property
+    def stats(self) -> str:
+        return self._k("stats")
+
+    def ledger(self, worker_id: str) -> str:
+        return self._k("ledger", worker_id)
+
+    def held(self, worker_id: str) -> str:
+        return self._k("held", worker_id)
+
+    def reaped(self, worker_id: str) -> str:
+        return self._k("reaped", worker_id)
+
+    def claimed_ledger(self, worker_id: str) -> str:
+        return self._k("claimed", "ledger", worker_id)
+
+    def claimed_held(self, worker_id: str) -> str:
+        return self._k("claimed", "held", worker_id)
+
+    def recoveries(self, task_id: str) -> str:
+        return self._k("rec", task_id)
+
+
+class WorkerRegistry:
+    """One worker's registration: heartbeat and deregistration (one round trip each).
+
+    Parameters:
+      app: the worker's Celery app.
+      worker_id: its unique id (:func:`new_worker_id`).
+      node: the Celery node name (``w1@host``), shown by ``celery reliable status``.
+
+    Examples:
+        >>> reg = WorkerRegistry(app, new_worker_id(), "w1@host")
+        >>> reg.heartbeat(held_tags=["6c1e..."])
+        False
+        >>> reg.deregister()
+    """
+
+    def __init__(self, app: Any, worker_id: str, node: str) -> None:
+        self.app = app
+        self.worker_id = worker_id
+        self.node = node
+        self.store = store_for(app)
+        self.keys = RegistryKeys(self.store)
+        self.started_at = time.time()
+
+    def info_json(self) -> str:
+        return json.dumps(
+            {
+                "node": self.node,
+                "hostname": socket.gethostname(),
+                "pid": os.getpid(),
+                "started_at": self.started_at,
+            },
+            sort_keys=True,
+        )
+
+    def heartbeat(self, held_tags: list[str] | None = None) -> bool:
+        """Refresh the registration (and the held delivery tags, when given).
+
+        Returns True when a reaper had declared this worker dead since the last beat.
+        """
+        k = self.keys
+        replace = "1" if held_tags is not None else "0"
+        reply = self.store.run(
+            "heartbeat",
+            keys=[k.workers, k.info, k.held(self.worker_id), k.reaped(self.worker_id)],
+            args=[self.worker_id, self.info_json(), repr(time.time()), replace, *(held_tags or [])],
+        )
+        return bool(int(reply[0]))
+
+    def deregister(self) -> int:
+        """Remove the registration; returns how many ledger entries were still there."""
+        k = self.keys
+        wid = self.worker_id
+        return int(
+            self.store.run(
+                "deregister",
+                keys=[k.workers, k.info, k.ledger(wid), k.held(wid)],
+                args=[wid],
+            )
+        )
+
+
+def held_delivery_tags() -> list[str]:
+    """Delivery tags of the requests this worker holds (prefetched, ETA-waiting, running)."""
+    from celery.worker import state
+
+    for _ in range(SNAPSHOT_ATTEMPTS):
+        try:
+            requests = [*state.reserved_requests, *getattr(state, "scheduled_requests", ())]
+            break
+        except RuntimeError:  # the event loop changed the set while we copied it
+            continue
+    else:
+        return []
+    tags = set()
+    for req in requests:
+        message = getattr(req, "message", None)
+        tag = getattr(message, "delivery_tag", None)
+        if tag is not None and not req.acknowledged:
+            tags.add(str(tag))
+    return sorted(tags)
+
+
+class Heartbeat:
+    """The heartbeat thread of one worker's MainProcess.
+
+    Parameters:
+      registry: the worker's registration.
+      interval: seconds between beats (``reliable_heartbeat_interval``).
+      timeout: ``reliable_worker_timeout`` (silent this long, the worker may be reaped).
+      report_tags: report held delivery tags (only meaningful on the Redis broker).
+      companions: services started and stopped with the heartbeat (the embedded reaper).
+    """
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        interval: float,
+        timeout: float,
+        report_tags: bool,
+        companions: list[Any] | None = None,
+    ) -> None:
+        self.registry = registry
+        self.interval = interval
+        self.timeout = timeout
+        self.report_tags = report_tags
+        self.companions = list(companions or [])
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+        self._deregistered = False
+        #: Delivery tags a reaper gave back while this worker was declared dead.
+        self._surrendered: set[str] = set()
+        #: Broker QoS objects whose unacknowledged tags are surrendered on a reap.
+        self._qos: list[Any] = []
+        self._beaten = threading.Condition()
+        self._beats = 0
+        self._last_ok = time.monotonic()
+        self._stale_waited = False
+
+    def start(self) -> None:
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="reliable-heartbeat", daemon=True)
+        self._thread.start()
+        for companion in self.companions:
+            companion.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+    def _held(self) -> list[str]:
+        tags = held_delivery_tags()
+        return [t for t in tags if t not in self._surrendered] if self._surrendered else tags
+
+    def watch_qos(self, qos: Any) -> None:
+        """Surrender the tags unacknowledged on ``qos`` (the current task channel's) when
+        a reap is noticed."""
+        self._qos = [qos]
+
+    def _unacked_tags(self) -> set[str]:
+        tags: set[str] = set()
+        for qos in self._qos:
+            for _ in range(SNAPSHOT_ATTEMPTS):
+                try:
+                    tags.update(str(t) for t in list(getattr(qos, "_delivered", None) or ()))
+                    break
+                except RuntimeError:  # changed while copied
+                    continue
+        return tags
+
+    def reclaim(self, tag: str) -> None:
+        """``tag`` was delivered to this worker again: its ack is ours to send again."""
+        if self._surrendered:
+            self._surrendered.discard(tag)
+
+    def surrendered(self, tag: str, wait: float) -> bool:
+        """Whether a reaper gave ``tag``'s message back (so it must not be acked).
+
+        Cheap while heartbeats succeed. After a silence longer than the worker timeout the
+        first caller waits up to ``wait`` seconds for the next beat to find out.
+        """
+        if tag in self._surrendered:
+            return True
+        if time.monotonic() - self._last_ok <= self.timeout or self._stale_waited:
+            return False
+        self._stale_waited = True
+        with self._beaten:
+            seen = self._beats
+            self._beaten.wait_for(lambda: self._beats != seen, timeout=wait)
+        return tag in self._surrendered
+
+    def beat(self) -> None:
+        reg = self.registry
+        try:
+            tags = self._held() if self.report_tags else None
+            was_reaped = reg.heartbeat(tags)
+            if was_reaped:
+                # The reaper gave these messages back; another worker may hold them by now
+                # (same delivery tags). Never ack or report them again, so that neither our
+                # late ack nor, if this worker really dies later, a second restore touches
+                # the other worker's copy.
+                self._surrendered.update(tags or ())
+                self._surrendered.update(self._unacked_tags())
+                if tags:
+                    reg.heartbeat(self._held())
+        except redis.RedisError as exc:
+            if not self._failing:
+                logger.error(
+                    "celery_reliable: heartbeat of worker %s failed (%r); retrying every %.1fs."
+                    " Past reliable_worker_timeout a reaper will recover its tasks.",
+                    reg.worker_id,
+                    exc,
+                    self.interval,
+                )
+            self._failing = True
+            self._notify()
+            return
+        self._last_ok = time.monotonic()
+        self._stale_waited = False
+        self._notify()
+        if self._failing:
+            logger.warning("celery_reliable: heartbeat of worker %s is back", reg.worker_id)
+            self._failing = False
+        if was_reaped:
+            logger.error(
+                "celery_reliable: worker %s (%s) was declared DEAD by a reaper (no heartbeat "
+                "for longer than reliable_worker_timeout: paused, partitioned or overloaded). "
+                "Its in-flight and prefetched tasks were given back to the broker and may run "
+                "twice; their acknowledgements will not be sent. Registered again under the "
+                "same id.",
+                reg.worker_id,
+                reg.node,
+            )
+
+    def _notify(self) -> None:
+        with self._beaten:
+            self._beats += 1
+            self._beaten.notify_all()
+
+    def stop(self) -> None:
+        """Warm stop: keep beating until the pool is done (see RegistryStep)."""
+
+    def shutdown(self) -> None:
+        """Stop beating and deregister (once)."""
+        self._stop.set()
+        for companion in self.companions:
+            companion.stop()
+        self.companions = []
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(self.interval + 1)
+        if self._deregistered:
+            return
+        self._deregistered = True
+        try:
+            left = self.registry.deregister()
+        except redis.RedisError as exc:
+            logger.error(
+                "celery_reliable: could not deregister worker %s (%r); a reaper will remove it"
+                " after reliable_worker_timeout",
+                self.registry.worker_id,
+                exc,
+            )
+            return
+        logger.info(
+            "celery_reliable: worker %s deregistered (%d ledger entries left)",
+            self.registry.worker_id,
+            left,
+        )
+
+    def terminate(self) -> None:
+        """Cold stop: running tasks are cancelled and their messages restored by the
+        broker connection's close, so deregister right away."""
+        self.shutdown()
+
+
+class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker step: unique worker id (before the pool forks), heartbeat, deregistration.
+
+    A warm shutdown deregisters on ``worker_shutdown``, sent after the pool has finished
+    its running tasks, so a worker that is still draining keeps its registration (and is
+    recovered if it is killed meanwhile).
+    """
+
+    label = "reliable-registry"
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        global _current_worker_id
+        super().__init__(w, **kwargs)
+        _current_worker_id = new_worker_id()
+        self.worker_id = _current_worker_id
+        self.heart: Heartbeat | None = None
+
+    def create(self, w: Any) -> Heartbeat:
+        global _current_heartbeat
+        settings = settings_of(w.app)
+        registry = WorkerRegistry(w.app, self.worker_id, w.hostname)
+        companions: list[Any] = []
+        if settings.embedded_reaper:
+            from .embedded import EmbeddedReaper
+
+            companions.append(EmbeddedReaper(w.app, self.worker_id))
+        self.heart = Heartbeat(
+            registry,
+            settings.heartbeat_interval,
+            settings.worker_timeout,
+            broker_is_redis(w.app),
+            companions,
+        )
+        heart = self.heart
+        _current_heartbeat = heart
+
+        def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+            if sender is w:
+                heart.shutdown()
+
+        signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
+        logger.info("celery_reliable: worker id %s (%s)", self.worker_id, w.hostname)
+        return heart
+
+
+def live_workers(app: Any) -> list[dict[str, Any]]:
+    """Registered workers, oldest heartbeat first: node, id, heartbeat age, in-flight."""
+    store = store_for(app)
+    k = RegistryKeys(store)
+    client: Any = store.client
+    seconds, micros = client.time()
+    now = seconds + micros / 1e6
+    rows = client.zrange(k.workers, 0, -1, withscores=True)
+    if not rows:
+        return []
+    pipe = client.pipeline(transaction=False)
+    pipe.hmget(k.info, [wid for wid, _ in rows])
+    for wid, _ in rows:
+        pipe.hlen(k.ledger(wid))
+        pipe.hlen(k.held(wid))
+    replies = pipe.execute()
+    infos, counts = replies[0], replies[1:]
+    timeout = settings_of(app).worker_timeout
+    out = []
+    for i, (wid, score) in enumerate(rows):
+        info = json.loads(infos[i]) if infos[i] else {}
+        age = max(0.0, now - float(score))
+        out.append(
+            {
+                "node": info.get("node"),
+                "id": wid,
+                "heartbeat_age": round(age, 2),
+                "alive": age <= timeout,
+                "in_flight": int(counts[2 * i]),
+                "held": int(counts[2 * i + 1]),
+            }
+        )
+    return out
+
+
+def reaper_stats(app: Any) -> dict[str, int]:
+    """Counters kept by reapers and ledgers (recovered, dead_lettered, duplicates...)."""
+    store = store_for(app)
+    raw: dict[str, str] = store.client.hgetall(RegistryKeys(store).stats)  # type: ignore[assignment]
+    return {name: int(value) for name, value in sorted(raw.items())}
+
+
+@register("workers")
+def _workers_section(app: Any) -> list[dict[str, Any]]:
+    return live_workers(app)
+
+
+@register("orphans")
+def _orphans_section(app: Any) -> dict[str, int]:
+    return reaper_stats(app)
+
+
+@feature
+def _install(app: Any) -> None:
+    from .ledger import LedgerExtension
+    from .zombie import AckGuardStep
+
+    app.steps["worker"].add(RegistryStep)
+    app.steps["consumer"].add(AckGuardStep)
+    add_extension(app, LedgerExtension(app))

@@ -1,0 +1,85 @@
+"""A worker declared dead while alive must not acknowledge messages it gave up.
+
+When a reaper declares a worker dead (it was paused or cut off from Redis for longer than
+``reliable_worker_timeout``), it puts the worker's messages back on their queues, and
+another worker may already be running them. The restored message keeps its delivery tag,
+so the paused worker's late acknowledgement would delete the *other* worker's entry from
+kombu's ``unacked`` hash: if that worker then died too, nothing could bring the task back.
+
+This consumer step wraps the task channel's QoS ``ack``/``reject`` (Redis broker only).
+For a tag the worker surrendered (held when the reaper took it), only the local bookkeeping
+is done and nothing is sent to Redis, until the same message is delivered to this worker
+again (``append``), which makes it this worker's to acknowledge again.
+
+The check costs one clock read per ack while the heartbeat is fresh; when the last
+successful heartbeat is older than the worker timeout (the worker may have been reaped),
+the first ack waits up to :data:`REAPED_CHECK_WAIT` seconds for the heartbeat thread to
+find out, once per stale episode.
+
+Examples:
+    >>> app.steps["consumer"].add(AckGuardStep)      # done by install(app)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+from kombu.transport.virtual.base import QoS as VirtualQoS
+
+from .registry import broker_is_redis, current_heartbeat
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the first ack after a long silence waits for the heartbeat to report.
+REAPED_CHECK_WAIT = 2.0
+
+
+class AckGuardStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer step: no broker ack or requeue for messages a reaper already gave back."""
+
+    label = "reliable-ack-guard"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        heart = current_heartbeat()
+        consumer = getattr(c, "task_consumer", None)
+        if heart is None or consumer is None or not broker_is_redis(c.app):
+            return
+        qos = consumer.channel.qos
+        if getattr(qos, "_reliable_guarded", False):
+            return
+        original_ack, original_reject = qos.ack, qos.reject
+
+        def ack(delivery_tag: Any) -> None:
+            if heart.surrendered(str(delivery_tag), REAPED_CHECK_WAIT):
+                _skip(qos, delivery_tag, "acknowledge")
+                return
+            original_ack(delivery_tag)
+
+        def reject(delivery_tag: Any, requeue: bool = False) -> None:
+            if heart.surrendered(str(delivery_tag), REAPED_CHECK_WAIT):
+                _skip(qos, delivery_tag, "requeue" if requeue else "reject")
+                return
+            original_reject(delivery_tag, requeue=requeue)
+
+        original_append = qos.append
+
+        def append(message: Any, delivery_tag: Any) -> None:
+            heart.reclaim(str(delivery_tag))  # delivered to us again: ours to ack again
+            original_append(message, delivery_tag)
+
+        qos.ack, qos.reject, qos.append = ack, reject, append
+        qos._reliable_guarded = True
+        heart.watch_qos(qos)
+
+
+def _skip(qos: Any, delivery_tag: Any, what: str) -> None:
+    VirtualQoS.ack(qos, delivery_tag)  # local bookkeeping only (prefetch slot, _delivered)
+    logger.warning(
+        "celery_reliable: not sending the %s of message %s to the broker: a reaper gave it "
+        "back while this worker was declared dead, and another worker may hold it now",
+        what,
+        delivery_tag,
+    )
