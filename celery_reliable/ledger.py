@@ -4,7 +4,7 @@ A :class:`LedgerExtension` runs in the pool process around every ReliableTask. A
 writes ``task id -> {delivery tag, task, exchange, routing key, start time}`` into the
 ledger of the worker (``<prefix>:{reaper}:ledger:<worker id>``) and reads the task's
 recovery count, in one Lua round trip; at the end it removes the entry, in one more. A task
-recovered more than ``reliable_max_recoveries`` times is dead-lettered (reason
+orphaned ``reliable_max_recoveries`` times is dead-lettered (reason
 ``orphaned``) instead of run: on the Redis broker the reaper does that itself, but on
 RabbitMQ the broker redelivers a dead consumer's messages on its own, so this check is how
 a task that kills its worker every time ends there.
@@ -46,7 +46,7 @@ _RECORDED_ATTR = "_reliable_ledger_worker"
 
 
 class RecoveredTooOften(Ignore):
-    """The task was orphaned more than ``reliable_max_recoveries`` times: it was
+    """The task was orphaned ``reliable_max_recoveries`` times: it was
     dead-lettered (reason ``orphaned``) instead of run, and its message is acknowledged."""
 
     def __init__(self, task_id: str, recoveries: int, limit: int) -> None:
@@ -113,7 +113,7 @@ class LedgerExtension:
             return
         setattr(request, _RECORDED_ATTR, worker_id)
         limit = settings_of(self.app).max_recoveries
-        if recoveries > limit:
+        if recoveries and recoveries >= limit:
             self._give_up(task, recoveries, limit)
 
     def _give_up(self, task: ReliableTask, recoveries: int, limit: int) -> None:

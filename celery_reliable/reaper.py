@@ -8,8 +8,8 @@ twice) and recovers everything it held:
 - **Redis broker.** Each task in the worker's ledger is put back on its queue by restoring
   *that very message* from kombu's ``unacked`` hash (WATCH/MULTI, as kombu's own
   ``restore_by_tag`` does): it leaves ``unacked``, so the broker's visibility timeout never
-  brings it back a second time. Its recovery count goes up; past
-  ``reliable_max_recoveries`` it is dead-lettered (reason ``orphaned``, with its arguments
+  brings it back a second time. Its orphan count goes up; when it
+  reaches ``reliable_max_recoveries`` it is dead-lettered (reason ``orphaned``, with its arguments
   read from the message) and removed from ``unacked`` instead. Messages the worker had
   prefetched but not started (reported by its heartbeat) are restored too, without counting.
   A message is only restored if the dead worker is still its latest receiver (its
@@ -361,7 +361,7 @@ class Reaper:
             return Recovery(wid, node, task_id, name, tag, "gone")
         count = int(client.get(count_key) or 0) + 1
         started = float(entry.get("t") or 0) or None
-        if count > limit:
+        if count >= limit:  # orphaned reliable_max_recoveries times (DESIGN.md)
             return self._dead_letter(wid, node, task_id, name, str(tag), started, count)
         action = self.restorer.restore(str(tag), started)
         if action == "restored":

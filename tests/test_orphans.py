@@ -179,9 +179,10 @@ def test_recovered_orphan_does_not_come_back_after_visibility_timeout(
 
 
 def test_task_that_kills_its_worker_every_time_is_dead_lettered(ns, start_worker, start_reaper):
-    """reliable_max_recoveries=2: it runs three times (killing three workers), then the
-    reaper dead-letters it as 'orphaned', with its arguments, out of the unacked set."""
-    env = {"CELERY_RELIABLE_MAX_RECOVERIES": "2"}
+    """reliable_max_recoveries=3: it runs three times (killing three workers); orphaned the
+    third time, the reaper dead-letters it as 'orphaned', with its arguments, out of the
+    unacked set."""
+    env = {"CELERY_RELIABLE_MAX_RECOVERIES": "3"}
     app = ns.app(orphans.build)
     reaper = start_reaper(env=env)
     workers = [
