@@ -32,6 +32,14 @@ def _dead_letters(app: Any) -> dict[str, int]:
     return DeadLetterStore(app).stats()
 
 
+#: Sections shown first, in this order; any other section follows in registration order.
+DISPLAY_ORDER = ("workers", "orphans", "breakers", "buckets", "ordering", "dead_letters")
+
+
 def collect(app: Any) -> dict[str, Any]:
     """Every section of the status report, as one JSON-able dict."""
-    return {name: fn(app) for name, fn in _sections.items()}
+    from . import features  # noqa: F401  (every feature registers its section on import)
+
+    rank = {name: i for i, name in enumerate(DISPLAY_ORDER)}
+    names = sorted(_sections, key=lambda n: rank.get(n, len(rank)))
+    return {name: _sections[name](app) for name in names}

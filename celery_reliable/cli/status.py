@@ -33,6 +33,8 @@ def status(ctx: click.Context, as_json: bool, **kwargs: Any) -> None:
             for row in body:
                 click.echo("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
         elif isinstance(body, dict):
+            if not body:
+                click.echo("  (none)")
             for k, v in body.items():
                 click.echo(f"  {k}: {v}")
         else:
