@@ -1,0 +1,48 @@
+-- admit.lua: may this task start now? Circuit breaker first, then the token bucket (GCRA).
+-- One call per task start; nothing is written unless the answer is "run" or a reservation.
+-- KEYS[1..]: the bucket hash (fields tat, interval, burst) when ARGV[1]=='1', then the breaker hash
+--   (fields state, fails, opened_at, probe, probe_until) when ARGV[5]=='1'.
+-- ARGV: 1 has_bucket, 2 interval_us, 3 burst, 4 held slot_us (0: none), 5 has_breaker,
+--   6 reset_timeout_us, 7 probe lease_us, 8 task id, 9 max reservation_us, 10 half-open recheck_us
+-- Returns {verdict, wait_us, slot_us, breaker state, probe (0/1), fails, transition}
+--   verdict: 'run' | 'bucket' | 'breaker'; transition: '' or 'half-open'.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local has_bucket, has_breaker = ARGV[1] == '1', ARGV[5] == '1'
+local rk, bk = KEYS[1], KEYS[#KEYS]
+local state, probe, fails, trans = 'closed', 0, 0, ''
+if has_breaker then
+  local b = redis.call('HMGET', bk, 'state', 'opened_at', 'probe', 'probe_until', 'fails')
+  state, fails = b[1] or 'closed', tonumber(b[5] or '0')
+  if state == 'open' then
+    local reopen = tonumber(b[2]) + tonumber(ARGV[6])
+    if now < reopen then return {'breaker', reopen - now, 0, state, 0, fails, ''} end
+    probe, trans = 1, 'half-open'
+  elseif state == 'half-open' then
+    local lease_end = tonumber(b[4] or '0')
+    if b[3] ~= ARGV[8] and lease_end > now then
+      return {'breaker', math.min(lease_end - now, tonumber(ARGV[10])), 0, state, 0, fails, ''}
+    end
+    probe = 1
+  end
+end
+if has_bucket then
+  local interval, burst, held = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  if held > 0 then
+    if now < held then return {'bucket', held - now, held, state, 0, fails, ''} end
+  else
+    local tat = math.max(tonumber(redis.call('HGET', rk, 'tat') or '0'), now)
+    local allow_at = tat + interval - burst * interval
+    if allow_at - now > tonumber(ARGV[9]) then
+      return {'bucket', tonumber(ARGV[9]), 0, state, 0, fails, ''}
+    end
+    redis.call('HSET', rk, 'tat', tat + interval, 'interval', interval, 'burst', burst)
+    redis.call('PEXPIRE', rk, math.floor((tat + interval - now) / 1000) + 1000)
+    if allow_at > now then return {'bucket', allow_at - now, allow_at, state, 0, fails, ''} end
+  end
+end
+if probe == 1 then
+  redis.call('HSET', bk, 'state', 'half-open', 'probe', ARGV[8], 'probe_until', now + tonumber(ARGV[7]))
+  state = 'half-open'
+end
+return {'run', 0, 0, state, probe, fails, trans}

@@ -1,0 +1,106 @@
+"""Guarantee 4 (rate): one token bucket for the whole cluster, waiting without a pool slot."""
+
+from __future__ import annotations
+
+import bisect
+import time
+from typing import Any
+
+from celery_reliable import DeadLetterStore
+from celery_reliable.testing import wait_for
+from tests.apps import admission
+from tests.apps.common import events
+
+
+def max_in_window(times: list[float], window: float = 1.0) -> int:
+    """Most start times in any half-open window [t, t + window)."""
+    times = sorted(times)
+    return max(bisect.bisect_left(times, t + window) - i for i, t in enumerate(times))
+
+
+def start_two_workers(start_worker: Any, **env: str) -> list[Any]:
+    workers = [
+        start_worker("admission", name=n, concurrency=2, wait=False, env=env) for n in ("w1", "w2")
+    ]
+    for w in workers:
+        w.wait_ready()
+    return workers
+
+
+def starts_by_id(app: Any, task: str) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for e in events(app, "started"):
+        if e["task"] == task:
+            out.setdefault(e["id"], []).append(e["t"])
+    return out
+
+
+def test_shared_bucket_holds_rate_and_burst_across_two_workers(ns, start_worker):
+    app = ns.app(admission.build)
+    workers = start_two_workers(start_worker)
+    ids = [app.tasks["adm.limited"].delay(i).id for i in range(200)]
+    wait_for(lambda: len(events(app, "started")) >= 200, 40, message="200 starts")
+    starts = starts_by_id(app, "adm.limited")
+    assert sorted(starts) == sorted(ids)
+    assert all(len(t) == 1 for t in starts.values()), "a task started twice"
+    times = sorted(t[0] for t in starts.values())
+    peak = max_in_window(times)
+    span = times[-1] - times[0]
+    achieved = (len(times) - 1) / span
+    hosts = {e["hostname"] for e in events(app, "started")}
+    print(f"\nrate 20/s burst 5, 2 workers x 2: max in 1 s = {peak}, achieved {achieved:.2f}/s")
+    assert peak <= 25, f"{peak} starts in one second"
+    assert achieved >= 19.0, f"only {achieved:.2f}/s"
+    assert len(hosts) == 2, hosts
+    assert DeadLetterStore(app).count() == 0
+    for w in workers:
+        assert "Traceback" not in w.log(), w.log()[-3000:]
+
+
+def test_per_key_buckets_limit_tenants_separately_and_hold_no_pool_slot(ns, start_worker):
+    """Two tenants at 10/s each run side by side; meanwhile 200 unlimited tasks on the same
+    workers finish at full speed: waiting tasks hold no pool slot."""
+    app = ns.app(admission.build)
+    start_two_workers(start_worker)
+    tenant = app.tasks["adm.tenant"]
+    ids = [tenant.delay(t, i).id for i in range(40) for t in ("a", "b")]
+    t0 = time.time()
+    free = [app.tasks["adm.unlimited"].delay(i).id for i in range(200)]
+
+    def unlimited_done() -> bool:
+        return sum(e["task"] == "adm.unlimited" for e in events(app, "started")) >= 200
+
+    wait_for(unlimited_done, 30, message="200 unlimited tasks")
+    unlimited_end = max(e["t"] for e in events(app, "started") if e["task"] == "adm.unlimited")
+    tenant_started_by_then = sum(
+        e["task"] == "adm.tenant" and e["t"] <= unlimited_end for e in events(app, "started")
+    )
+    wait_for(
+        lambda: sum(e["task"] == "adm.tenant" for e in events(app, "started")) >= 80,
+        30,
+        message="80 tenant starts",
+    )
+    starts = starts_by_id(app, "adm.tenant")
+    assert sorted(starts) == sorted(ids) and all(len(t) == 1 for t in starts.values())
+    unl = starts_by_id(app, "adm.unlimited")
+    assert sorted(unl) == sorted(free) and all(len(t) == 1 for t in unl.values())
+    per_tenant = {
+        t: sorted(e["t"] for e in events(app, "started") if e.get("tenant") == t)
+        for t in ("a", "b")
+    }
+    print(
+        f"\nunlimited 200 done in {unlimited_end - t0:.2f} s while {tenant_started_by_then}/80"
+        " tenant tasks had started"
+    )
+    for t, times in per_tenant.items():
+        peak = max_in_window(times)
+        rate = (len(times) - 1) / (times[-1] - times[0])
+        print(f"tenant {t}: max in 1 s = {peak}, achieved {rate:.2f}/s (limit 10/s burst 2)")
+        assert peak <= 12, (t, peak)
+        assert rate >= 9.0, (t, rate)
+    # the tenants ran at the same time, not one after the other
+    assert per_tenant["a"][-1] > per_tenant["b"][len(per_tenant["b"]) // 2]
+    assert per_tenant["b"][-1] > per_tenant["a"][len(per_tenant["a"]) // 2]
+    # limited tasks were still waiting while the unlimited ones finished
+    assert tenant_started_by_then < 60, tenant_started_by_then
+    assert DeadLetterStore(app).count() == 0
