@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,12 @@ logger = logging.getLogger(__name__)
 
 #: Message header carrying a reserved token slot (Redis time, µs) of a deferred task.
 SLOT_HEADER = "x-reliable-slot"
+#: Message header naming a deferred copy; Redis remembers the newest copy of each task id
+#: so an older message redelivered after a crash (deferred, but not yet acked) is dropped.
+COPY_HEADER = "x-reliable-copy"
+#: Seconds Redis remembers the newest deferred copy of a task (longer than any visibility
+#: timeout a redelivered older copy could come back after).
+COPY_MEMORY_SECONDS = 6 * 3600
 #: With ``reliable_fail_open=False``, a task that cannot reach Redis is deferred this long.
 FAIL_CLOSED_DELAY = 5.0
 #: At most one "Redis unreachable" warning per process in this many seconds.
@@ -88,6 +95,10 @@ def breaker_key(store: RedisStore, name: str) -> str:
     return store.key(TAG, "breaker", name)
 
 
+def copy_key(store: RedisStore, task_id: str) -> str:
+    return store.key(TAG, "copy", task_id)
+
+
 class AdmissionExtension:
     """The task extension that gates ReliableTasks on their bucket and breaker.
 
@@ -119,11 +130,12 @@ class AdmissionExtension:
         spec = self.spec(task)
         store = store_for(self.app)
         request = task.request
-        keys: list[str] = []
-        argv: list[Any] = ["0", 0, 0, 0, "0", 0, 0, request.id, 0, 0]
+        headers = request.headers or {}
+        keys: list[str] = [copy_key(store, request.id)]
+        argv: list[Any] = ["0", 0, 0, 0, "0", 0, 0, request.id, 0, 0, headers.get(COPY_HEADER, "")]
         if spec.bucket is not None:
             keys.append(bucket_key(store, spec.bucket.bucket_name(args, kwargs, task)))
-            held = (request.headers or {}).get(SLOT_HEADER) or 0
+            held = headers.get(SLOT_HEADER) or 0
             argv[0:4] = ["1", spec.bucket.interval_us, spec.bucket.burst, int(held)]
             argv[8] = int(MAX_RESERVATION_SECONDS * _US)
         if spec.breaker is not None:
@@ -148,6 +160,13 @@ class AdmissionExtension:
                     request.id,
                 )
             observe(spec.breaker, state, int(fails))
+        if verdict == "stale":
+            logger.info(
+                "celery_reliable: dropping %s[%s]: an older copy (a newer one is queued)",
+                task.name,
+                request.id,
+            )
+            raise Deferred("stale copy")
         if verdict == "run":
             request._reliable_ticket = _Ticket(probe=bool(probe), fails=int(fails))
             return
@@ -222,16 +241,22 @@ def defer(
     """Re-publish the running task to start in ``delay`` seconds, then raise Deferred.
 
     The copy keeps the task id, the retry count and every header; ``slot_us`` (when not 0)
-    is the token slot the copy holds, sent as the ``x-reliable-slot`` header.
+    is the token slot the copy holds, sent as the ``x-reliable-slot`` header. After the
+    publish, Redis records the copy as the task's newest (a second round trip, on this slow
+    path only), so the message being deferred is dropped if a crash redelivers it.
 
     Raises:
         Deferred: always, after the copy was published (the message is then acked).
         Reject: requeue, when the copy could not be published (nothing is lost).
     """
     request = task.request
-    headers = {k: v for k, v in (request.headers or {}).items() if k != SLOT_HEADER}
+    headers = {
+        k: v for k, v in (request.headers or {}).items() if k not in (SLOT_HEADER, COPY_HEADER)
+    }
     if slot_us:
         headers[SLOT_HEADER] = slot_us
+    token = uuid.uuid4().hex
+    headers[COPY_HEADER] = token
     try:
         task.signature_from_request(
             request, args, kwargs, countdown=max(delay, 0.0), headers=headers
@@ -244,6 +269,11 @@ def defer(
             exc,
         )
         raise Reject(exc, requeue=True) from None
+    store = store_for(task.app)
+    try:
+        store.client.set(copy_key(store, request.id), token, ex=COPY_MEMORY_SECONDS)
+    except redis.RedisError as exc:  # only a crash before the ack could now duplicate it
+        logger.warning("celery_reliable: could not record deferred copy of %s: %r", request.id, exc)
     raise Deferred(reason, delay)
 
 

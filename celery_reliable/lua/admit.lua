@@ -1,16 +1,22 @@
 -- admit.lua: may this task start now? Circuit breaker first, then the token bucket (GCRA).
 -- One call per task start; nothing is written unless the answer is "run" or a reservation.
--- KEYS[1..]: the bucket hash (fields tat, interval, burst) when ARGV[1]=='1', then the breaker hash
+-- KEYS[1]: the task's live-copy key (token of its newest deferred copy), then the bucket
+--   hash (fields tat, interval, burst) when ARGV[1]=='1', then the breaker hash
 --   (fields state, fails, opened_at, probe, probe_until) when ARGV[5]=='1'.
 -- ARGV: 1 has_bucket, 2 interval_us, 3 burst, 4 held slot_us (0: none), 5 has_breaker,
---   6 reset_timeout_us, 7 probe lease_us, 8 task id, 9 max reservation_us, 10 half-open recheck_us
+--   6 reset_timeout_us, 7 probe lease_us, 8 task id, 9 max reservation_us,
+--   10 half-open recheck_us, 11 this message's copy token ('' for the first publish)
 -- Returns {verdict, wait_us, slot_us, breaker state, probe (0/1), fails, transition}
---   verdict: 'run' | 'bucket' | 'breaker'; transition: '' or 'half-open'.
+--   verdict: 'run' | 'bucket' | 'breaker' | 'stale' (a newer copy of the task exists: an
+--   old message redelivered after a crash between deferring and acking); transition: ''
+--   or 'half-open'.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local has_bucket, has_breaker = ARGV[1] == '1', ARGV[5] == '1'
-local rk, bk = KEYS[1], KEYS[#KEYS]
+local rk, bk = KEYS[2], KEYS[#KEYS]
 local state, probe, fails, trans = 'closed', 0, 0, ''
+local live = redis.call('GET', KEYS[1])
+if live and live ~= ARGV[11] then return {'stale', 0, 0, state, 0, 0, ''} end
 if has_breaker then
   local b = redis.call('HMGET', bk, 'state', 'opened_at', 'probe', 'probe_until', 'fails')
   state, fails = b[1] or 'closed', tonumber(b[5] or '0')
