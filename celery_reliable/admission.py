@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
+from celery import bootsteps
 from celery.exceptions import Reject
 
 from .breaker import (
@@ -290,17 +291,31 @@ def validate_tasks(app: Any) -> None:
             admission_of(task)
 
 
+class AdmissionCheckStep(bootsteps.Step):  # type: ignore[misc]
+    """Worker step: a task with an invalid admission option stops the worker at start,
+    with one message naming the option and the task."""
+
+    label = "reliable-admission-check"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        validate_tasks(worker.app)
+
+
 @feature
 def install_admission(app: Any) -> None:
-    """Register the admission extension; validate task options when the app finalizes."""
+    """Register the admission extension and the worker step that validates task options.
+
+    Producers validate too, when the app finalizes (Celery logs a failure there instead of
+    raising it, so the log names the option and the task).
+    """
     add_extension(app, AdmissionExtension(app))
+    app.steps["worker"].add(AdmissionCheckStep)
 
     def on_finalize(sender: Any = None, **_: Any) -> None:
         validate_tasks(sender if sender is not None else app)
 
     app.on_after_finalize.connect(on_finalize, weak=False)
-    if app.finalized:
-        validate_tasks(app)
 
 
 def _scan_hashes(app: Any, kind: str) -> dict[str, tuple[dict[str, Any], int]]:

@@ -90,6 +90,17 @@ def build(app: Celery) -> Celery:
         record(app, self, "succeeded", i=i)
         return i
 
+    if os.environ.get("CR_BAD_RATE"):  # a worker that must refuse to start
+
+        @app.task(
+            base=ReliableTask,
+            bind=True,
+            shared=False,
+            name="adm.bad",
+            global_rate_limit=os.environ["CR_BAD_RATE"],
+        )
+        def bad(self: Any) -> None: ...
+
     return app
 
 
