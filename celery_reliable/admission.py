@@ -35,7 +35,7 @@ from .breaker import (
 )
 from .extensions import ORDER_ADMISSION, Deferred, Outcome
 from .install import add_extension, feature, settings_of
-from .ratelimit import MAX_RESERVATION_SECONDS, BucketSpec
+from .ratelimit import MAX_RESERVATION_SECONDS, SHORT_WAIT_SECONDS, BucketSpec
 from .status import register
 from .store import RedisStore, store_for
 
@@ -133,12 +133,26 @@ class AdmissionExtension:
         request = task.request
         headers = request.headers or {}
         keys: list[str] = [copy_key(store, request.id)]
-        argv: list[Any] = ["0", 0, 0, 0, "0", 0, 0, request.id, 0, 0, headers.get(COPY_HEADER, "")]
+        argv: list[Any] = [
+            "0",
+            0,
+            0,
+            0,
+            "0",
+            0,
+            0,
+            request.id,
+            0,
+            0,
+            headers.get(COPY_HEADER, ""),
+            0,
+        ]
         if spec.bucket is not None:
             keys.append(bucket_key(store, spec.bucket.bucket_name(args, kwargs, task)))
             held = headers.get(SLOT_HEADER) or 0
             argv[0:4] = ["1", spec.bucket.interval_us, spec.bucket.burst, int(held)]
             argv[8] = int(MAX_RESERVATION_SECONDS * _US)
+            argv[11] = int(SHORT_WAIT_SECONDS * _US)
         if spec.breaker is not None:
             keys.append(breaker_key(store, spec.breaker.name))
             argv[4:7] = [
@@ -170,6 +184,8 @@ class AdmissionExtension:
             raise Deferred("stale copy")
         if verdict == "run":
             request._reliable_ticket = _Ticket(probe=bool(probe), fails=int(fails))
+            if wait_us:  # a start booked a few ms ahead (<= SHORT_WAIT_SECONDS)
+                time.sleep(int(wait_us) / _US)
             return
         reason = "rate limit" if verdict == "bucket" else f"breaker {state}"
         defer(task, args, kwargs, int(wait_us) / _US, int(slot_us), reason)
@@ -352,7 +368,8 @@ def _breakers_status(app: Any) -> dict[str, dict[str, Any]]:
 def _buckets_status(app: Any) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, (h, now) in sorted(_scan_hashes(app, "bucket").items()):
-        interval, burst, tat = int(h.get("interval", 1)), int(h.get("burst", 1)), int(h["tat"])
+        interval, burst = int(h.get("interval") or 1), int(h.get("burst") or 1)
+        tat = int(h.get("tat") or now)
         tokens = (now - (tat - burst * interval)) / interval
         out[name] = {
             "rate_per_s": round(_US / interval, 3),

@@ -32,6 +32,10 @@ RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 #: deferred this long without a reservation and asks again (so an ETA message is never
 #: held for longer than a fraction of the broker's visibility timeout, 3600 s by default).
 MAX_RESERVATION_SECONDS = 300.0
+#: A task whose start is due within this many seconds sleeps in the pool process and then
+#: starts (its start is booked by the same script call): re-publishing it would cost more
+#: broker and event-loop work than the wait, and arrive later. Longer waits are deferred.
+SHORT_WAIT_SECONDS = 0.05
 #: The smallest allowed interval between two tokens (1 µs: the clock's resolution).
 MIN_INTERVAL_US = 1
 

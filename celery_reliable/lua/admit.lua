@@ -1,12 +1,14 @@
 -- admit.lua: may this task start now? Circuit breaker first, then the token bucket (GCRA).
 -- One call per task start; nothing is written unless the answer is "run" or a reservation.
 -- KEYS[1]: the task's live-copy key (token of its newest deferred copy), then the bucket
---   hash (fields tat, interval, burst) when ARGV[1]=='1', then the breaker hash
+--   hash (fields tat, sat, interval, burst) when ARGV[1]=='1', then the breaker hash
 --   (fields state, fails, opened_at, probe, probe_until) when ARGV[5]=='1'.
 -- ARGV: 1 has_bucket, 2 interval_us, 3 burst, 4 held slot_us (0: none), 5 has_breaker,
 --   6 reset_timeout_us, 7 probe lease_us, 8 task id, 9 max reservation_us,
---   10 half-open recheck_us, 11 this message's copy token ('' for the first publish)
+--   10 half-open recheck_us, 11 this message's copy token ('' for the first publish),
+--   12 short wait_us (a bucket wait up to this long is slept by the caller, not deferred)
 -- Returns {verdict, wait_us, slot_us, breaker state, probe (0/1), fails, transition}
+--   ('run' with wait_us > 0: the start is booked; sleep that long, then start)
 --   verdict: 'run' | 'bucket' | 'breaker' | 'stale' (a newer copy of the task exists: an
 --   old message redelivered after a crash between deferring and acking); transition: ''
 --   or 'half-open'.
@@ -14,7 +16,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local has_bucket, has_breaker = ARGV[1] == '1', ARGV[5] == '1'
 local rk, bk = KEYS[2], KEYS[#KEYS]
-local state, probe, fails, trans = 'closed', 0, 0, ''
+local state, probe, fails, trans, wait = 'closed', 0, 0, '', 0
 local live = redis.call('GET', KEYS[1])
 if live and live ~= ARGV[11] then return {'stale', 0, 0, state, 0, 0, ''} end
 if has_breaker then
@@ -33,22 +35,31 @@ if has_breaker then
   end
 end
 if has_bucket then
+  -- tat: reservations (the order and time a task may start); sat: actual starts, so late
+  -- copies cannot bunch up beyond the burst (any window W holds <= W/interval + burst).
   local interval, burst, held = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-  if held > 0 then
-    if now < held then return {'bucket', held - now, held, state, 0, fails, ''} end
-  else
-    local tat = math.max(tonumber(redis.call('HGET', rk, 'tat') or '0'), now)
-    local allow_at = tat + interval - burst * interval
-    if allow_at - now > tonumber(ARGV[9]) then
+  local h = redis.call('HMGET', rk, 'tat', 'sat')
+  local tat, sat = math.max(tonumber(h[1] or '0'), now), math.max(tonumber(h[2] or '0'), now)
+  if held == 0 then
+    held = tat + interval - burst * interval
+    if held - now > tonumber(ARGV[9]) then
       return {'bucket', tonumber(ARGV[9]), 0, state, 0, fails, ''}
     end
-    redis.call('HSET', rk, 'tat', tat + interval, 'interval', interval, 'burst', burst)
-    redis.call('PEXPIRE', rk, math.floor((tat + interval - now) / 1000) + 1000)
-    if allow_at > now then return {'bucket', allow_at - now, allow_at, state, 0, fails, ''} end
+    tat = tat + interval
+    redis.call('HSET', rk, 'tat', tat, 'interval', interval, 'burst', burst)
   end
+  local start_at = math.max(held, sat + interval - burst * interval)
+  if start_at - now > tonumber(ARGV[12]) then
+    redis.call('PEXPIRE', rk, math.floor((math.max(tat, sat) - now) / 1000) + 1000)
+    return {'bucket', start_at - now, held, state, 0, fails, ''}
+  end
+  wait = math.max(start_at - now, 0)
+  sat = math.max(sat, now + wait) + interval
+  redis.call('HSET', rk, 'sat', sat)
+  redis.call('PEXPIRE', rk, math.floor((math.max(tat, sat) - now) / 1000) + 1000)
 end
 if probe == 1 then
   redis.call('HSET', bk, 'state', 'half-open', 'probe', ARGV[8], 'probe_until', now + tonumber(ARGV[7]))
   state = 'half-open'
 end
-return {'run', 0, 0, state, probe, fails, trans}
+return {'run', wait, 0, state, probe, fails, trans}
