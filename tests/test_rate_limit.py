@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from celery_reliable import DeadLetterStore
+from celery_reliable.status import collect
 from celery_reliable.testing import wait_for
 from tests.apps import admission
 from tests.apps.common import events
@@ -61,6 +62,8 @@ def test_shared_bucket_holds_rate_and_burst_across_two_workers(ns, start_worker)
     assert achieved >= 19.0, f"only {achieved:.2f}/s"
     assert len(hosts) == 2, hosts
     assert DeadLetterStore(app).count() == 0
+    bucket = collect(app)["buckets"]["adm.limited"]
+    assert bucket["rate_per_s"] == 20.0 and bucket["burst"] == 5
     for w in workers:
         assert "Traceback" not in w.log(), w.log()[-3000:]
 

@@ -1,5 +1,6 @@
 -- admit.lua: may this task start now? Circuit breaker first, then the token bucket (GCRA).
 -- One call per task start; nothing is written unless the answer is "run" or a reservation.
+-- A bucket hash expires a minute after it is full again (an absent bucket is a full one).
 -- KEYS[1]: the task's live-copy key (token of its newest deferred copy), then the bucket
 --   hash (fields tat, sat, interval, burst) when ARGV[1]=='1', then the breaker hash
 --   (fields state, fails, opened_at, probe, probe_until) when ARGV[5]=='1'.
@@ -50,13 +51,13 @@ if has_bucket then
   end
   local start_at = math.max(held, sat + interval - burst * interval)
   if start_at - now > tonumber(ARGV[12]) then
-    redis.call('PEXPIRE', rk, math.floor((math.max(tat, sat) - now) / 1000) + 1000)
+    redis.call('PEXPIRE', rk, math.floor((math.max(tat, sat) - now) / 1000) + 60000)
     return {'bucket', start_at - now, held, state, 0, fails, ''}
   end
   wait = math.max(start_at - now, 0)
   sat = math.max(sat, now + wait) + interval
   redis.call('HSET', rk, 'sat', sat)
-  redis.call('PEXPIRE', rk, math.floor((math.max(tat, sat) - now) / 1000) + 1000)
+  redis.call('PEXPIRE', rk, math.floor((math.max(tat, sat) - now) / 1000) + 60000)
 end
 if probe == 1 then
   redis.call('HSET', bk, 'state', 'half-open', 'probe', ARGV[8], 'probe_until', now + tonumber(ARGV[7]))
