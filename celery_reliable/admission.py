@@ -49,9 +49,11 @@ SLOT_HEADER = "x-reliable-slot"
 #: Message header naming a deferred copy; Redis remembers the newest copy of each task id
 #: so an older message redelivered after a crash (deferred, but not yet acked) is dropped.
 COPY_HEADER = "x-reliable-copy"
-#: Seconds Redis remembers the newest deferred copy of a task (longer than any visibility
-#: timeout a redelivered older copy could come back after).
-COPY_MEMORY_SECONDS = 6 * 3600
+#: Redis remembers the newest deferred copy of a task for the broker's visibility timeout
+#: (after which kombu redelivers an unacked original) plus the wait plus this margin.
+COPY_MEMORY_MARGIN = 300.0
+#: The Redis transport's visibility timeout when ``broker_transport_options`` sets none.
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 #: With ``reliable_fail_open=False``, a task that cannot reach Redis is deferred this long.
 FAIL_CLOSED_DELAY = 5.0
 #: At most one "Redis unreachable" warning per process in this many seconds.
@@ -288,7 +290,10 @@ def defer(
         raise Reject(exc, requeue=True) from None
     store = store_for(task.app)
     try:
-        store.client.set(copy_key(store, request.id), token, ex=COPY_MEMORY_SECONDS)
+        options = task.app.conf.broker_transport_options or {}
+        visibility = float(options.get("visibility_timeout") or DEFAULT_VISIBILITY_TIMEOUT)
+        ttl = int(visibility + max(delay, 0.0) + COPY_MEMORY_MARGIN)
+        store.client.set(copy_key(store, request.id), token, ex=ttl)
     except redis.RedisError as exc:  # only a crash before the ack could now duplicate it
         logger.warning("celery_reliable: could not record deferred copy of %s: %r", request.id, exc)
     raise Deferred(reason, delay)

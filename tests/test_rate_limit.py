@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import re
 import statistics
 import time
 from typing import Any
@@ -120,3 +121,33 @@ def test_per_key_buckets_limit_tenants_separately_and_hold_no_pool_slot(ns, star
     # limited tasks were still waiting while the unlimited ones finished
     assert tenant_started_by_then < 60, tenant_started_by_then
     assert DeadLetterStore(app).count() == 0
+
+
+def test_deferred_tasks_come_back_when_their_worker_gets_sigterm(ns, start_worker):
+    """Copies waiting in a worker's timer are unacked messages: a warm shutdown puts them back
+    on the queue at once (no visibility timeout, which is 1 h here), and they still start
+    exactly once, within the limit."""
+    app = ns.app(admission.build)
+    w1, _w2 = start_two_workers(start_worker)
+    ids = [app.tasks["adm.limited"].delay(i).id for i in range(80)]
+    wait_for(lambda: len(events(app, "started")) >= 20, 20, message="20 starts")
+    w1.terminate()
+    assert w1.wait_exit(30) == 0
+    stopped = time.time()
+    wait_for(lambda: len(events(app, "started")) >= 80, 30, message="80 starts")
+    starts = starts_by_id(app, "adm.limited")
+    assert sorted(starts) == sorted(ids) and all(len(t) == 1 for t in starts.values())
+    times = sorted(t[0] for t in starts.values())
+    assert max_in_window(times) <= 25
+    after = [t for t in times if t > stopped]
+    assert after and all(
+        e["hostname"] == _w2.nodename for e in events(app, "started") if e["t"] > stopped + 0.5
+    )
+    held_by_w1 = set(re.findall(r"adm\.limited\[([0-9a-f-]+)\] received", w1.log()))
+    moved = {e["id"] for e in events(app, "started") if e["hostname"] == _w2.nodename} & held_by_w1
+    moved -= {e["id"] for e in events(app, "started") if e["hostname"] == w1.nodename}
+    assert moved, "no copy held by w1 was run by w2"
+    print(
+        f"\nSIGTERM: {len(after)} started after w1 stopped;"
+        f" {len(moved)} of those w2 ran had been received by w1 at some point"
+    )
