@@ -17,6 +17,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -323,6 +324,27 @@ class AdmissionCheckStep(bootsteps.Step):  # type: ignore[misc]
         validate_tasks(worker.app)
 
 
+class TimerPaceStep(bootsteps.Step):  # type: ignore[misc]
+    """Worker step: the event loop fires due timers without pausing for a second.
+
+    Deferred tasks come back as ETA messages, released by the worker's event-loop timer.
+    kombu's ``Hub.fire_timers`` runs at most 10 due entries per loop pass and, when it ran
+    10, returns ``min_delay`` (1 s) as the next poll timeout although more are due; after
+    any stall that lets 10 ETA copies fall due together, the worker then releases 10 per
+    second (the same pause under-runs Celery's own ``rate_limit``). With ``min_delay=0`` the
+    loop polls without blocking and fires the next batch at once; a non-empty schedule
+    whose first entry is not due still sleeps exactly until it is.
+    """
+
+    label = "reliable-timer-pace"
+    requires = ("celery.worker.components:Hub",)
+
+    def create(self, worker: Any) -> None:
+        hub = getattr(worker, "hub", None)
+        if hub is not None and not isinstance(hub.fire_timers, functools.partial):
+            hub.fire_timers = functools.partial(type(hub).fire_timers, hub, min_delay=0)
+
+
 @feature
 def install_admission(app: Any) -> None:
     """Register the admission extension and the worker step that validates task options.
@@ -332,6 +354,7 @@ def install_admission(app: Any) -> None:
     """
     add_extension(app, AdmissionExtension(app))
     app.steps["worker"].add(AdmissionCheckStep)
+    app.steps["worker"].add(TimerPaceStep)
 
     def on_finalize(sender: Any = None, **_: Any) -> None:
         validate_tasks(sender if sender is not None else app)
