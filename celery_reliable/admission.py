@@ -136,20 +136,9 @@ class AdmissionExtension:
         request = task.request
         headers = request.headers or {}
         keys: list[str] = [copy_key(store, request.id)]
-        argv: list[Any] = [
-            "0",
-            0,
-            0,
-            0,
-            "0",
-            0,
-            0,
-            request.id,
-            0,
-            0,
-            headers.get(COPY_HEADER, ""),
-            0,
-        ]
+        # ARGV of lua/admit.lua by position (see its header); filled in per feature below
+        argv: list[Any] = ["0", 0, 0, 0, "0", 0, 0, request.id, 0, 0, "", 0]
+        argv[10] = headers.get(COPY_HEADER, "")
         if spec.bucket is not None:
             keys.append(bucket_key(store, spec.bucket.bucket_name(args, kwargs, task)))
             held = headers.get(SLOT_HEADER) or 0
