@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import drain, metrics, registry
+from . import admission, drain, metrics, registry
 
 #: Feature modules, each registering a ``@feature`` installer when imported.
-MODULES = (drain, metrics, registry)
+MODULES = (admission, drain, metrics, registry)

@@ -1,0 +1,397 @@
+"""Admission control: global rate limits and shared circuit breakers at task start.
+
+One :class:`AdmissionExtension` (``ORDER_ADMISSION``) runs in the pool process before the
+body of every ReliableTask that sets ``global_rate_limit`` or ``breaker``. It makes ONE
+Redis round trip (``lua/admit.lua``, which decides breaker and bucket together) and either
+lets the task run or defers it: the task is re-published with a countdown equal to the
+wait the script computed (its reserved token slot, or the end of the breaker's reset
+timeout) and :class:`~celery_reliable.extensions.Deferred` is raised, so the message is
+acknowledged, no retry is counted and no pool slot is held while it waits (the worker
+holds the ETA message in its timer, outside the prefetch limit). Tasks using neither
+feature pay nothing. See docs/rate-limits.md and docs/circuit-breakers.md.
+
+Examples:
+    >>> @app.task(base=ReliableTask, bind=True, global_rate_limit="20/s", breaker="vendor")
+    ... def call_vendor(self, tenant): ...
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+from celery import bootsteps
+from celery.exceptions import Reject
+
+from .breaker import (
+    HALF_OPEN_RECHECK_SECONDS,
+    BreakerSpec,
+    observe,
+    outcome_kind,
+)
+from .extensions import ORDER_ADMISSION, Deferred, Outcome
+from .install import add_extension, feature, settings_of
+from .ratelimit import MAX_RESERVATION_SECONDS, SHORT_WAIT_SECONDS, BucketSpec
+from .status import register
+from .store import RedisStore, store_for
+
+if TYPE_CHECKING:
+    from .task import ReliableTask
+
+logger = logging.getLogger(__name__)
+
+#: Message header carrying a reserved token slot (Redis time, µs) of a deferred task.
+SLOT_HEADER = "x-reliable-slot"
+#: Message header naming a deferred copy; Redis remembers the newest copy of each task id
+#: so an older message redelivered after a crash (deferred, but not yet acked) is dropped.
+COPY_HEADER = "x-reliable-copy"
+#: Redis remembers the newest deferred copy of a task for the broker's visibility timeout
+#: (after which kombu redelivers an unacked original) plus the wait plus this margin.
+COPY_MEMORY_MARGIN = 300.0
+#: The Redis transport's visibility timeout when ``broker_transport_options`` sets none.
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+#: With ``reliable_fail_open=False``, a task that cannot reach Redis is deferred this long.
+FAIL_CLOSED_DELAY = 5.0
+#: At most one "Redis unreachable" warning per process in this many seconds.
+OUTAGE_LOG_INTERVAL = 10.0
+#: Hash tag shared by every admission key, so one script can read a bucket and a breaker
+#: together (on Redis Cluster they all live in one slot; each is one small hash).
+TAG = "{adm}"
+
+_US = 1_000_000
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What admission control knows about one task class."""
+
+    bucket: BucketSpec | None
+    breaker: BreakerSpec | None
+
+
+@dataclass
+class _Ticket:
+    """Per-run state kept on the request between ``before_start`` and ``after_return``."""
+
+    probe: bool
+    fails: int
+
+
+def admission_of(task: Any) -> Admission:
+    """Validated admission options of ``task`` (both None when it uses neither).
+
+    Raises:
+        ConfigurationError: naming the invalid option and the task.
+    """
+    return Admission(BucketSpec.for_task(task), BreakerSpec.for_task(task))
+
+
+def bucket_key(store: RedisStore, bucket: str) -> str:
+    return store.key(TAG, "bucket", bucket)
+
+
+def breaker_key(store: RedisStore, name: str) -> str:
+    return store.key(TAG, "breaker", name)
+
+
+def copy_key(store: RedisStore, task_id: str) -> str:
+    return store.key(TAG, "copy", task_id)
+
+
+class AdmissionExtension:
+    """The task extension that gates ReliableTasks on their bucket and breaker.
+
+    Parameters:
+      app: the Celery app (its settings give ``reliable_fail_open``).
+    """
+
+    name = "admission"
+    order = ORDER_ADMISSION
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._specs: dict[str, Admission] = {}
+        self._last_outage_log = 0.0
+
+    def spec(self, task: Any) -> Admission:
+        spec = self._specs.get(task.name)
+        if spec is None:
+            spec = self._specs[task.name] = admission_of(task)
+        return spec
+
+    def applies(self, task: ReliableTask) -> bool:
+        spec = self.spec(task)
+        return spec.bucket is not None or spec.breaker is not None
+
+    def before_start(
+        self, task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        spec = self.spec(task)
+        store = store_for(self.app)
+        request = task.request
+        headers = request.headers or {}
+        keys: list[str] = [copy_key(store, request.id)]
+        # ARGV of lua/admit.lua by position (see its header); filled in per feature below
+        argv: list[Any] = ["0", 0, 0, 0, "0", 0, 0, request.id, 0, 0, "", 0]
+        argv[10] = headers.get(COPY_HEADER, "")
+        if spec.bucket is not None:
+            keys.append(bucket_key(store, spec.bucket.bucket_name(args, kwargs, task)))
+            held = headers.get(SLOT_HEADER) or 0
+            argv[0:4] = ["1", spec.bucket.interval_us, spec.bucket.burst, int(held)]
+            argv[8] = int(MAX_RESERVATION_SECONDS * _US)
+            argv[11] = int(SHORT_WAIT_SECONDS * _US)
+        if spec.breaker is not None:
+            keys.append(breaker_key(store, spec.breaker.name))
+            argv[4:7] = [
+                "1",
+                int(spec.breaker.reset_timeout * _US),
+                int(spec.breaker.probe_lease * _US),
+            ]
+            argv[9] = int(HALF_OPEN_RECHECK_SECONDS * _US)
+        try:
+            verdict, wait_us, slot_us, state, probe, fails, trans = store.run("admit", keys, argv)
+        except redis.RedisError as exc:
+            self._redis_unreachable(task, exc)
+            return
+        if spec.breaker is not None:
+            if trans:
+                logger.warning(
+                    "celery_reliable: breaker %r open -> half-open: %s[%s] is the probe",
+                    spec.breaker.name,
+                    task.name,
+                    request.id,
+                )
+            observe(spec.breaker, state, int(fails))
+        if verdict == "stale":
+            logger.info(
+                "celery_reliable: dropping %s[%s]: an older copy (a newer one is queued)",
+                task.name,
+                request.id,
+            )
+            raise Deferred("stale copy")
+        if verdict == "run":
+            request._reliable_ticket = _Ticket(probe=bool(probe), fails=int(fails))
+            if wait_us:  # a start booked a few ms ahead (<= SHORT_WAIT_SECONDS)
+                time.sleep(int(wait_us) / _US)
+            return
+        reason = "rate limit" if verdict == "bucket" else f"breaker {state}"
+        defer(task, args, kwargs, int(wait_us) / _US, int(slot_us), reason)
+
+    def after_return(self, task: ReliableTask, outcome: Outcome) -> None:
+        spec = self.spec(task).breaker
+        ticket: _Ticket | None = getattr(task.request, "_reliable_ticket", None)
+        if spec is None or ticket is None:
+            return
+        kind = outcome_kind(spec, outcome.exc, outcome.kind)
+        if not ticket.probe and (kind == "release" or (kind == "success" and ticket.fails == 0)):
+            return  # nothing to change: no round trip
+        store = store_for(self.app)
+        try:
+            state, fails, opened_at, trans = store.run(
+                "breaker_report",
+                [breaker_key(store, spec.name)],
+                [kind, task.request.id, spec.fail_max],
+            )
+        except redis.RedisError as exc:
+            logger.warning(
+                "celery_reliable: could not report %s of %s[%s] to breaker %r: %r",
+                kind,
+                task.name,
+                task.request.id,
+                spec.name,
+                exc,
+            )
+            return
+        if trans:
+            logger.warning(
+                "celery_reliable: breaker %r -> %s (%s of %s[%s], %d consecutive failures)",
+                spec.name,
+                trans,
+                kind,
+                task.name,
+                task.request.id,
+                int(fails),
+            )
+        observe(spec, state, int(fails), int(opened_at))
+
+    def _redis_unreachable(self, task: ReliableTask, exc: Exception) -> None:
+        fail_open = settings_of(self.app).fail_open
+        now = time.monotonic()
+        if now - self._last_outage_log >= OUTAGE_LOG_INTERVAL:
+            self._last_outage_log = now
+            logger.warning(
+                "celery_reliable: Redis unreachable at start of %s[%s] (%r); %s "
+                "(reliable_fail_open=%s)",
+                task.name,
+                task.request.id,
+                exc,
+                "running it without rate limit or breaker"
+                if fail_open
+                else f"deferring it {FAIL_CLOSED_DELAY:g} s",
+                fail_open,
+            )
+        if not fail_open:
+            defer(task, None, None, FAIL_CLOSED_DELAY, 0, "redis unreachable")
+
+
+def defer(
+    task: ReliableTask,
+    args: tuple[Any, ...] | None,
+    kwargs: dict[str, Any] | None,
+    delay: float,
+    slot_us: int,
+    reason: str,
+) -> None:
+    """Re-publish the running task to start in ``delay`` seconds, then raise Deferred.
+
+    The copy keeps the task id, the retry count and every header; ``slot_us`` (when not 0)
+    is the token slot the copy holds, sent as the ``x-reliable-slot`` header. After the
+    publish, Redis records the copy as the task's newest (a second round trip, on this slow
+    path only), so the message being deferred is dropped if a crash redelivers it.
+
+    Raises:
+        Deferred: always, after the copy was published (the message is then acked).
+        Reject: requeue, when the copy could not be published (nothing is lost).
+    """
+    request = task.request
+    headers = {
+        k: v for k, v in (request.headers or {}).items() if k not in (SLOT_HEADER, COPY_HEADER)
+    }
+    if slot_us:
+        headers[SLOT_HEADER] = slot_us
+    token = uuid.uuid4().hex
+    headers[COPY_HEADER] = token
+    try:
+        task.signature_from_request(
+            request, args, kwargs, countdown=max(delay, 0.0), headers=headers
+        ).apply_async()
+    except Exception as exc:
+        logger.error(
+            "celery_reliable: could not defer %s[%s] (%r); requeueing the message",
+            task.name,
+            request.id,
+            exc,
+        )
+        raise Reject(exc, requeue=True) from None
+    store = store_for(task.app)
+    try:
+        options = task.app.conf.broker_transport_options or {}
+        visibility = float(options.get("visibility_timeout") or DEFAULT_VISIBILITY_TIMEOUT)
+        ttl = int(visibility + max(delay, 0.0) + COPY_MEMORY_MARGIN)
+        store.client.set(copy_key(store, request.id), token, ex=ttl)
+    except redis.RedisError as exc:  # only a crash before the ack could now duplicate it
+        logger.warning("celery_reliable: could not record deferred copy of %s: %r", request.id, exc)
+    raise Deferred(reason, delay)
+
+
+def validate_tasks(app: Any) -> None:
+    """Check the admission options of every ReliableTask of ``app``.
+
+    Raises:
+        ConfigurationError: naming the invalid option and the task.
+    """
+    from .task import ReliableTask
+
+    for task in list(app.tasks.values()):
+        if isinstance(task, ReliableTask):
+            admission_of(task)
+
+
+class AdmissionCheckStep(bootsteps.Step):  # type: ignore[misc]
+    """Worker step: a task with an invalid admission option stops the worker at start,
+    with one message naming the option and the task."""
+
+    label = "reliable-admission-check"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        validate_tasks(worker.app)
+
+
+class TimerPaceStep(bootsteps.Step):  # type: ignore[misc]
+    """Worker step: the event loop fires due timers without pausing for a second.
+
+    Deferred tasks come back as ETA messages, released by the worker's event-loop timer.
+    kombu's ``Hub.fire_timers`` runs at most 10 due entries per loop pass and, when it ran
+    10, returns ``min_delay`` (1 s) as the next poll timeout although more are due; after
+    any stall that lets 10 ETA copies fall due together, the worker then releases 10 per
+    second (the same pause under-runs Celery's own ``rate_limit``). With ``min_delay=0`` the
+    loop polls without blocking and fires the next batch at once; a non-empty schedule
+    whose first entry is not due still sleeps exactly until it is.
+    """
+
+    label = "reliable-timer-pace"
+    requires = ("celery.worker.components:Hub",)
+
+    def create(self, worker: Any) -> None:
+        hub = getattr(worker, "hub", None)
+        if hub is not None and not isinstance(hub.fire_timers, functools.partial):
+            hub.fire_timers = functools.partial(type(hub).fire_timers, hub, min_delay=0)
+
+
+@feature
+def install_admission(app: Any) -> None:
+    """Register the admission extension and the worker step that validates task options.
+
+    Producers validate too, when the app finalizes (Celery logs a failure there instead of
+    raising it, so the log names the option and the task).
+    """
+    add_extension(app, AdmissionExtension(app))
+    app.steps["worker"].add(AdmissionCheckStep)
+    app.steps["worker"].add(TimerPaceStep)
+
+    def on_finalize(sender: Any = None, **_: Any) -> None:
+        validate_tasks(sender if sender is not None else app)
+
+    app.on_after_finalize.connect(on_finalize, weak=False)
+
+
+def _scan_hashes(app: Any, kind: str) -> dict[str, tuple[dict[str, Any], int]]:
+    store = store_for(app)
+    client = store.client
+    prefix = store.key(TAG, kind, "")
+    seconds, micros = client.time()
+    now = int(seconds) * _US + int(micros)
+    out: dict[str, tuple[dict[str, Any], int]] = {}
+    for key in client.scan_iter(match=prefix.replace("{", "\\{").replace("}", "\\}") + "*"):
+        fields: dict[str, Any] = dict(client.hgetall(key))  # type: ignore[arg-type]
+        out[str(key)[len(prefix) :]] = (fields, now)
+    return out
+
+
+@register("breakers")
+def _breakers_status(app: Any) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, (h, now) in sorted(_scan_hashes(app, "breaker").items()):
+        opened = int(h.get("opened_at") or 0)
+        out[name] = {
+            "state": h.get("state", "closed"),
+            "failures": int(h.get("fails") or 0),
+            "opened_at": opened / _US if opened else None,
+            "probe": h.get("probe"),
+            "probe_lease_left": max(0.0, (int(h["probe_until"]) - now) / _US)
+            if h.get("probe_until")
+            else None,
+        }
+    return out
+
+
+@register("buckets")
+def _buckets_status(app: Any) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, (h, now) in sorted(_scan_hashes(app, "bucket").items()):
+        interval, burst = int(h.get("interval") or 1), int(h.get("burst") or 1)
+        tat = int(h.get("tat") or now)
+        tokens = (now - (tat - burst * interval)) / interval
+        out[name] = {
+            "rate_per_s": round(_US / interval, 3),
+            "burst": burst,
+            "tokens": round(max(0.0, min(float(burst), tokens)), 2),
+            "reserved_ahead_s": round(max(0.0, (tat - now) / _US - burst * interval / _US), 3),
+        }
+    return out
