@@ -331,7 +331,20 @@ class TimerPaceStep(bootsteps.Step):  # type: ignore[misc]
     def create(self, worker: Any) -> None:
         hub = getattr(worker, "hub", None)
         if hub is not None and not isinstance(hub.fire_timers, functools.partial):
-            hub.fire_timers = functools.partial(type(hub).fire_timers, hub, min_delay=0)
+            hub.fire_timers = functools.partial(_fire_timers_paced, hub)
+
+
+#: kombu's own poll timeout when no timer is scheduled at all.
+IDLE_POLL_DELAY = 1.0
+
+
+def _fire_timers_paced(hub: Any, **kwargs: Any) -> float:
+    """``Hub.fire_timers`` with ``min_delay=0`` while entries are scheduled; with an empty
+    schedule it returns kombu's idle delay, so an idle loop blocks instead of spinning."""
+    delay = type(hub).fire_timers(hub, min_delay=0, **kwargs)
+    if not delay and not (hub.timer and hub.timer._queue):
+        return IDLE_POLL_DELAY
+    return float(delay)
 
 
 @feature
