@@ -26,6 +26,7 @@ from typing import Any
 
 import pybreaker
 
+from . import metrics
 from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class LoggingListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
         old = getattr(old_state, "name", None)
+        metrics.event("breaker", f"{cb.name}:{new_state.name}")
         logger.info(
             "celery_reliable: breaker %r seen %s -> %s (failures %d)",
             cb.name,
@@ -205,6 +207,7 @@ def observe(spec: BreakerSpec, state: str, fails: int, opened_at_us: int | None 
     assert isinstance(storage, SharedStateStorage)
     storage.update(state, fails, opened_at_us)
     cb.state  # noqa: B018 (pybreaker notices the change on read and notifies listeners)
+    metrics.breaker_state(spec.name, state)
 
 
 def outcome_kind(spec: BreakerSpec, exc: BaseException | None, kind: str) -> str:

@@ -120,7 +120,9 @@ def event(feature: str, name: str, amount: float = 1) -> None:
 def breaker_state(breaker: str, state: str) -> None:
     """Record the state of a circuit breaker (closed, half-open, open)."""
     if _enabled:
-        _metric("breaker_state").labels(breaker=breaker).set(BREAKER_STATE_VALUES[state])
+        value = BREAKER_STATE_VALUES.get(state)
+        if value is not None:
+            _metric("breaker_state").labels(breaker=breaker).set(value)
 
 
 class MetricsExtension:

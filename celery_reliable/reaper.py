@@ -42,6 +42,7 @@ from typing import Any
 import redis
 from kombu.utils.encoding import bytes_to_str
 
+from . import metrics
 from .deadletter import DeadLetter, DeadLetterStore, now
 from .install import settings_of
 from .registry import REAPED_MARKER_TTL, RECOVERY_COUNT_TTL, RegistryKeys, broker_is_redis
@@ -284,7 +285,10 @@ class Reaper:
             result.dead_workers.append(wid)
             self._pending[wid] = node
         for wid, node in list(self._pending.items()):
-            result.recoveries.extend(self._recover_worker(wid, node))
+            recovered = self._recover_worker(wid, node)
+            for recovery in recovered:
+                metrics.event("reaper", recovery.action)
+            result.recoveries.extend(recovered)
             del self._pending[wid]
         return result
 
