@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 CLAIM_BATCH = 100
 #: Seconds after which another reaper may take over a claim whose reaper did not finish.
 CLAIM_LEASE = 60.0
+#: Most unacknowledged messages one pass examines for the unclaimed-message sweep.
+SWEEP_BATCH = 1000
 
 #: Functions ``(app, worker_id) -> None`` run after a dead worker was recovered, for
 #: features that keep per-worker state (held keys, probe tokens) to release it.
@@ -86,6 +88,12 @@ class PassResult:
 
     dead_workers: list[str] = field(default_factory=list)
     recoveries: list[Recovery] = field(default_factory=list)
+
+
+def broker_key(client: Any, key: str) -> str:
+    """``key`` with kombu's ``global_keyprefix``, for the commands kombu's prefixing client
+    does not prefix itself (such as ZSCORE)."""
+    return str(getattr(client, "global_keyprefix", "") or "") + key
 
 
 class RedisBrokerRestorer:
@@ -126,7 +134,7 @@ class RedisBrokerRestorer:
 
         def transaction(pipe: Any) -> None:
             raw = pipe.hget(qos.unacked_key, tag)
-            score = pipe.zscore(qos.unacked_index_key, tag)
+            score = pipe.zscore(broker_key(pipe, qos.unacked_index_key), tag)
             pipe.multi()
             if not raw:
                 outcome[0] = "gone"
@@ -149,7 +157,7 @@ class RedisBrokerRestorer:
         qos = channel.qos
         with channel.conn_or_acquire() as client:
             raw = client.hget(qos.unacked_key, tag)
-            score = client.zscore(qos.unacked_index_key, tag)
+            score = client.zscore(broker_key(client, qos.unacked_index_key), tag)
         if not raw or (not_after is not None and score is not None and float(score) > not_after):
             return None
         payload, exchange, routing_key = json.loads(bytes_to_str(raw))
@@ -175,7 +183,12 @@ class RedisBrokerRestorer:
 
 
 def orphaned_dead_letter(
-    message: Any, exchange: str | None, routing_key: str | None, recoveries: int, node: str | None
+    message: Any,
+    exchange: str | None,
+    routing_key: str | None,
+    recoveries: int,
+    node: str | None,
+    limit: int,
 ) -> DeadLetter:
     """A dead letter (reason ``orphaned``) for a message read from ``unacked``."""
     headers = dict(message.headers or {})
@@ -190,7 +203,6 @@ def orphaned_dead_letter(
     except Exception:
         logger.exception("could not decode the body of orphaned task %s", headers.get("id"))
     task_id = str(headers.get("id") or message.delivery_tag)
-    limit = recoveries - 1
     return DeadLetter(
         id=task_id,
         task_id=task_id,
@@ -290,7 +302,95 @@ class Reaper:
                 metrics.event("reaper", recovery.action)
             result.recoveries.extend(recovered)
             del self._pending[wid]
+        if self.restorer is not None:
+            swept = self._sweep_unclaimed(clock)
+            for recovery in swept:
+                metrics.event("reaper", recovery.action)
+            result.recoveries.extend(swept)
         return result
+
+    def _claimed_tags(self) -> set[str]:
+        """Delivery tags some registered worker (alive, or dead and not yet recovered) or an
+        unfinished claim holds: from the heartbeats' held reports and the ledgers."""
+        client: Any = self.store.client
+        k = self.keys
+        workers = client.zrange(k.workers, 0, -1)
+        claims = client.zrange(k.claims, 0, -1)
+        pipe = client.pipeline(transaction=False)
+        for wid in workers:
+            pipe.hkeys(k.held(wid))
+            pipe.hvals(k.ledger(wid))
+        for wid in claims:
+            pipe.hkeys(k.claimed_held(wid))
+            pipe.hvals(k.claimed_ledger(wid))
+        tags: set[str] = set()
+        replies = pipe.execute()
+        for held, ledger in zip(replies[::2], replies[1::2], strict=True):
+            tags.update(held)
+            for raw in ledger:
+                try:
+                    tag = json.loads(raw).get("tag")
+                except (ValueError, AttributeError):
+                    continue
+                if tag:
+                    tags.add(str(tag))
+        return tags
+
+    def _sweep_unclaimed(self, clock: float) -> list[Recovery]:
+        """Give back ReliableTask messages that no worker holds any more.
+
+        A worker reports the tags it holds on every heartbeat, so a message it received
+        after its last heartbeat and before it died is in no report. Any message of a
+        ReliableTask delivered more than ``reliable_worker_timeout`` ago that no
+        registered worker reports holding, and no claim covers, belongs to a dead worker:
+        it is restored like a prefetched one (the ``moved`` guard skips it if it was
+        received again in the meantime).
+        """
+        assert self.restorer is not None
+        from .task import ReliableTask
+
+        channel = self.restorer.channel
+        qos = channel.qos
+        cutoff = clock - self.settings.worker_timeout
+        with channel.conn_or_acquire() as broker:
+            candidates = broker.zrange(  # ZRANGE: a command kombu's key prefix applies to
+                qos.unacked_index_key,
+                "-inf",
+                cutoff,
+                byscore=True,
+                offset=0,
+                num=SWEEP_BATCH,
+                withscores=True,
+            )
+        if not candidates:
+            return []
+        claimed = self._claimed_tags()
+        done: list[Recovery] = []
+        for raw_tag, score in candidates:
+            tag = bytes_to_str(raw_tag)
+            if tag in claimed:
+                continue
+            found = self.restorer.read(tag, float(score))
+            if found is None:
+                continue
+            message = found[1][0]
+            name = (message.headers or {}).get("task")
+            if not isinstance(self.app.tasks.get(name), ReliableTask):
+                continue  # not ours: a plain worker may hold it
+            action = self.restorer.restore(tag, float(score))
+            if action == "restored":
+                action = "restored_unclaimed"
+                self.store.client.hincrby(self.keys.stats, "restored_unclaimed", 1)
+                logger.warning(
+                    "reaper: gave back %s[%s] (message %s): delivered %.1fs ago and held by "
+                    "no live worker (its worker died after its last heartbeat)",
+                    name,
+                    (message.headers or {}).get("id"),
+                    tag,
+                    clock - float(score),
+                )
+            done.append(Recovery("", None, (message.headers or {}).get("id"), name, tag, action))
+        return done
 
     def _recover_worker(self, wid: str, node: str | None) -> list[Recovery]:
         client: Any = self.store.client
@@ -410,7 +510,9 @@ class Reaper:
         if found is None:
             return Recovery(wid, node, task_id, name, tag, "gone", count)
         raw, (message, exchange, routing_key) = found
-        entry = orphaned_dead_letter(message, exchange, routing_key, count, node)
+        entry = orphaned_dead_letter(
+            message, exchange, routing_key, count, node, self.settings.max_recoveries
+        )
         DeadLetterStore(self.app).add(entry)  # idempotent by task id: safe to repeat
         self.restorer.remove(tag, raw)
         client: Any = self.store.client

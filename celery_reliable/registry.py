@@ -259,7 +259,9 @@ class Heartbeat:
             self.beat()
 
     def _held(self) -> list[str]:
-        tags = held_delivery_tags()
+        # The requests Celery tracks, plus every message still unacknowledged on the task
+        # channel (that also covers requests parked in Celery's own rate-limit buckets).
+        tags = sorted(set(held_delivery_tags()) | self._unacked_tags())
         return [t for t in tags if t not in self._surrendered] if self._surrendered else tags
 
     def watch_qos(self, qos: Any) -> None:

@@ -319,6 +319,65 @@ class WorkerProcess:
             self.proc.wait(DEFAULT_TIMEOUT)
 
 
+class ReaperProcess:
+    """A real ``celery -A APP reliable-reaper`` subprocess in its own process group.
+
+    Parameters:
+      app: the ``-A`` argument (``module:app``).
+      env: extra environment variables (``CELERY_RELIABLE_*`` settings...).
+      log_path: where its output goes.
+      interval: ``--interval`` in seconds (default: the app's setting).
+      cwd: working directory.
+    """
+
+    def __init__(
+        self,
+        app: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        log_path: Path | None = None,
+        interval: float | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.log_path = log_path or Path(tempfile.mkdtemp(prefix="reliable-reaper-")) / "reaper.log"
+        cmd = [sys.executable, "-m", "celery", "-A", app, "reliable-reaper"]
+        if interval is not None:
+            cmd += ["--interval", str(interval)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+                cwd=cwd,
+                start_new_session=True,
+            )
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_started(self, timeout: float = DEFAULT_TIMEOUT) -> ReaperProcess:
+        """Wait until the reaper logs its first pass."""
+
+        def started() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"reaper exited {self.proc.returncode}:\n{self.log()}")
+            return "reaper: started" in self.log()
+
+        wait_for(started, timeout, message=lambda: f"reaper start:\n{self.log()[-2000:]}")
+        return self
+
+    def close(self) -> None:
+        """Kill the reaper's process group."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(DEFAULT_TIMEOUT)
+
+
 # --------------------------------------------------------------------------- fixtures
 
 

@@ -24,7 +24,7 @@ import redis
 from celery_reliable import DeadLetterStore
 from celery_reliable.registry import RegistryKeys, live_workers, reaper_stats
 from celery_reliable.store import store_for
-from celery_reliable.testing import WaitTimeout, WorkerProcess, wait_for
+from celery_reliable.testing import ReaperProcess, WaitTimeout, WorkerProcess, wait_for
 from tests.apps import orphans
 from tests.apps.common import events, install, make_app
 from tests.conftest import ROOT, Namespace
@@ -45,55 +45,18 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 CELERY = [sys.executable, "-m", "celery", "-A", "tests.apps.orphans:app"]
 
 
-class ReaperProcess:
-    """A real ``celery -A tests.apps.orphans:app reliable-reaper`` subprocess."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, interval: float = INTERVAL) -> None:
-        self.log_path = log_path
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tests.apps.orphans:app",
-            "reliable-reaper",
-            "--interval",
-            str(interval),
-        ]
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                cwd=str(ROOT),
-                start_new_session=True,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_started(self) -> ReaperProcess:
-        def started() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"reaper exited {self.proc.returncode}:\n{self.log()}")
-            return "reaper: started" in self.log()
-
-        wait_for(started, 30, message=lambda: f"reaper start:\n{self.log()[-2000:]}")
-        return self
-
-    def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-
 @pytest.fixture
 def start_reaper(ns: Namespace, tmp_path: Path) -> Iterator[Callable[..., ReaperProcess]]:
     reapers: list[ReaperProcess] = []
 
     def start(name: str = "reaper", env: dict[str, str] | None = None) -> ReaperProcess:
-        reaper = ReaperProcess(ns.env(**FAST, **(env or {})), tmp_path / f"{name}.log")
+        reaper = ReaperProcess(
+            "tests.apps.orphans:app",
+            env=ns.env(**FAST, **(env or {})),
+            log_path=tmp_path / f"{name}.log",
+            interval=INTERVAL,
+            cwd=str(ROOT),
+        )
         reapers.append(reaper)
         return reaper
 
