@@ -1,3 +1,5 @@
 """Imports every feature module so each registers its installer with ``install``."""
 
 from __future__ import annotations
+
+from . import ordering  # noqa: F401

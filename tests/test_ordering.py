@@ -1,0 +1,206 @@
+"""Guarantee 3 (ordering) with real prefork workers: same-key tasks never overlap and start
+in publish order; retries hold the key; dead letters, revokes, expiry and lost sequence
+numbers release it; a kill -9 loses nothing and keeps the order."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from celery_reliable import ConfigurationError, DeadLetterStore, ReliableTask
+from celery_reliable.ordering import assign_sequence, ordering_spec
+from celery_reliable.status import collect
+from celery_reliable.testing import wait_for
+from tests.apps import ordering
+from tests.apps.common import events, make_app
+
+KEYS = 20
+PER_KEY = 50
+#: Fast lease and sweep for the crash test: lease 3 s (worker timeout), sweep every 1 s.
+CRASH_ENV = {
+    "CR_VISIBILITY_TIMEOUT": "2",
+    "CELERY_RELIABLE_WORKER_TIMEOUT": "3",
+    "CELERY_RELIABLE_HEARTBEAT_INTERVAL": "1",
+    "CELERY_RELIABLE_REAPER_INTERVAL": "1",
+}
+
+
+def runs_by_key(app: Any) -> dict[str, list[dict[str, Any]]]:
+    """Per key, every run (start event + its end event, if any), in start order."""
+    ends = {(e["id"], e["pid"], e["retries"]): e for e in events(app, "ended")}
+    ends.update({(e["id"], e["pid"], e["retries"]): e for e in events(app, "failed")})
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for start in events(app, "started"):
+        end = ends.get((start["id"], start["pid"], start["retries"]))
+        runs[start["key"]].append({**start, "end": end["t"] if end else None})
+    for key_runs in runs.values():
+        key_runs.sort(key=lambda r: r["t"])
+    return runs
+
+
+def check_order(runs: dict[str, list[dict[str, Any]]], killed_at: float | None = None) -> None:
+    """No overlap and no out-of-order start per key. A run without an end was killed: it
+    must end (at the kill) before anything else of its key starts, and be re-run next."""
+    for key, key_runs in runs.items():
+        previous: dict[str, Any] | None = None
+        for run in key_runs:
+            if previous is not None:
+                end = previous["end"]
+                if end is None:
+                    assert killed_at is not None, f"{key}: run {previous} never ended"
+                    end = killed_at
+                    assert run["n"] == previous["n"], (
+                        f"{key}: killed #{previous['n']} not re-run first"
+                    )
+                assert run["t"] >= end, f"{key}: #{run['n']} started before #{previous['n']} ended"
+                assert run["n"] >= previous["n"], f"{key}: #{run['n']} after #{previous['n']}"
+                assert run["seq"] >= previous["seq"], f"{key}: seq went backwards"
+            previous = run
+
+
+def max_parallel_keys(runs: dict[str, list[dict[str, Any]]]) -> int:
+    edges = []
+    for key_runs in runs.values():
+        for run in key_runs:
+            if run["end"] is not None:
+                edges += [(run["t"], 1), (run["end"], -1)]
+    best = current = 0
+    for _, delta in sorted(edges):
+        current += delta
+        best = max(best, current)
+    return best
+
+
+def publish_interleaved(app: Any, keys: int, per_key: int, pause: float) -> dict[str, list[str]]:
+    step = app.tasks["ordering.step"]
+    ids: dict[str, list[str]] = defaultdict(list)
+    for n in range(per_key):
+        for k in range(keys):
+            ids[f"k{k}"].append(step.delay(f"k{k}", n, pause).id)
+    return ids
+
+
+def check_complete(app: Any, ids: dict[str, list[str]], per_key: int) -> None:
+    ended = events(app, "ended")
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for e in ended:
+        by_key[e["key"]].append(e["n"])
+    for key in ids:
+        assert sorted(by_key[key]) == list(range(per_key)), f"{key}: ended {by_key[key]}"
+    assert sorted(e["id"] for e in ended) == sorted(i for v in ids.values() for i in v)
+
+
+def test_interleaved_keys_never_overlap_and_start_in_order(ns, start_worker):
+    app = ns.app(ordering.build)
+    for name in ("w1", "w2", "w3"):
+        start_worker("ordering", name=name, concurrency=2)
+    started = time.monotonic()
+    ids = publish_interleaved(app, KEYS, PER_KEY, 0.002)
+    total = KEYS * PER_KEY
+    wait_for(lambda: len(events(app, "ended")) == total, 60, message=f"{total} tasks ended")
+    elapsed = time.monotonic() - started
+    check_complete(app, ids, PER_KEY)
+    runs = runs_by_key(app)
+    check_order(runs)
+    assert max_parallel_keys(runs) >= 2, "different keys should run in parallel"
+    assert len({e["hostname"] for e in events(app, "started")}) == 3
+    assert len(events(app, "started")) == total, "no task ran twice"
+    status = collect(app)["ordering"]
+    assert status["parked"] == 0 and status["skipped"] == 0
+    print(f"\n{total} ordered tasks over {KEYS} keys in {elapsed:.1f}s")
+
+
+def test_kill9_of_a_worker_keeps_order_and_loses_nothing(ns, start_worker):
+    keys, per_key = 20, 25
+    app = ns.app(ordering.build)
+    workers = [
+        start_worker("ordering", name=name, concurrency=2, env=CRASH_ENV)
+        for name in ("w1", "w2", "w3")
+    ]
+    ids = publish_interleaved(app, keys, per_key, 0.02)
+    total = keys * per_key
+    wait_for(lambda: len(events(app, "ended")) >= total // 4, 60, message="a quarter done")
+    victim = workers[1]
+    killed_at = time.time()
+    victim.kill9()
+    victim_runs = [e for e in events(app, "started") if e["hostname"] == victim.nodename]
+    assert victim_runs, "the victim ran tasks before it was killed"
+    wait_for(lambda: len(events(app, "ended")) == total, 90, message=f"{total} tasks ended")
+    check_complete(app, ids, per_key)
+    runs = runs_by_key(app)
+    check_order(runs, killed_at=killed_at)
+    interrupted = [r for rs in runs.values() for r in rs if r["end"] is None]
+    print(f"\n{len(interrupted)} run(s) interrupted by kill -9 and re-run in order")
+    assert collect(app)["ordering"]["parked"] == 0
+
+
+def test_retry_holds_the_key_and_dead_letter_releases_it(ns, start_worker):
+    app = ns.app(ordering.build)
+    start_worker("ordering", name="w1", concurrency=2)
+    flaky = app.tasks["ordering.flaky"].delay("r", 0, 2)
+    after = [app.tasks["ordering.step"].delay("r", n, 0.0) for n in (1, 2)]
+    doomed = app.tasks["ordering.doomed"].delay("d", 0)
+    after_doomed = app.tasks["ordering.step"].delay("d", 1, 0.0)
+    wait_for(lambda: len(events(app, "ended")) == 5, 30, message="five runs ended")
+    runs = runs_by_key(app)
+    check_order(runs)
+    assert [(r["n"], r["retries"]) for r in runs["r"]] == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0)]
+    ends = {e["id"]: e for e in events(app, "ended")}
+    assert ends[after[0].id]["t"] >= ends[flaky.id]["t"]
+    assert DeadLetterStore(app).get(doomed.id).reason == "dead_letter_for"
+    assert [r["n"] for r in runs["d"]] == [0, 1] and after_doomed.id in ends
+
+
+def test_revoked_expired_and_unpublished_do_not_block_their_keys(ns, start_worker):
+    gap = 3.0
+    env = {
+        "CELERY_RELIABLE_ORDERING_GAP_TIMEOUT": str(gap),
+        "CELERY_RELIABLE_REAPER_INTERVAL": "0.5",
+    }
+    app = ns.app(ordering.build)
+    worker = start_worker("ordering", name="w1", concurrency=2, env=env)
+    step = app.tasks["ordering.step"]
+    first = step.delay("v", 0, 1.0)
+    revoked = step.delay("v", 1)
+    revoked.revoke()
+    revoked_by_control = step.delay("v", 2)
+    app.control.revoke(revoked_by_control.id)
+    expired = step.apply_async(("v", 3), expires=0.5)
+    last = step.delay("v", 4)
+    # A producer that took a place and crashed before publishing:
+    assign_sequence(app, step, ("g", 0), {}, {})
+    after_gap = [step.delay("g", n) for n in (1, 2)]
+    wait_for(lambda: len(events(app, "ended")) == 4, 30, message="four runs ended")
+    ends = {e["id"]: e for e in events(app, "ended")}
+    starts = {e["id"]: e for e in events(app, "started")}
+    assert set(ends) == {first.id, last.id, *(r.id for r in after_gap)}
+    assert revoked.id not in starts and expired.id not in starts
+    # released at once (well before the gap timeout), by the revoke/expiry handling
+    assert starts[last.id]["t"] - ends[first.id]["t"] < gap / 2
+    # the missing number was waited for, then skipped; the rest kept its order
+    g_runs = runs_by_key(app)["g"]
+    assert [r["n"] for r in g_runs] == [1, 2]
+    assert g_runs[0]["t"] - ends[first.id]["t"] > -2 and starts[after_gap[0].id]
+    status = collect(app)["ordering"]
+    assert status["skipped"] == 1 and status["cancelled"] >= 3
+    assert "skipped #1" in worker.log()
+
+
+def test_bad_ordering_options_fail_naming_the_option():
+    app = make_app("bad", "redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1", "p", "q")
+
+    @app.task(base=ReliableTask, shared=False, name="bad.key", ordering_key="acount_id")
+    def bad_key(account_id: str) -> None: ...
+
+    @app.task(
+        base=ReliableTask, shared=False, name="bad.group", ordering_key="a", ordering_group=""
+    )
+    def bad_group(a: str) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"^ordering_key: task .bad.key. has no parameter"):
+        ordering_spec(app.tasks["bad.key"])
+    with pytest.raises(ConfigurationError, match=r"^ordering_group"):
+        ordering_spec(app.tasks["bad.group"])
