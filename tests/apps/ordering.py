@@ -75,7 +75,7 @@ def build(app: Celery) -> Celery:
     def bump(kind: str) -> None:
         recorder(app).incr(f"{app.conf.reliable_key_prefix}:bench:{kind}")
 
-    @app.task(shared=False, name="bench.plain", acks_late=True)
+    @app.task(shared=False, name="bench.plain")
     def plain(key: str) -> None:
         bump("plain")
 
