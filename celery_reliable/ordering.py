@@ -460,7 +460,10 @@ class OrderingExtension:
             f"({place.group!r}, {place.key!r}, #{place.seq})"
         )
         entry = task.dead_letter_entry(exc, "ordering_skipped", None)
-        DeadLetterStore(self.app).add(entry)
+        try:
+            DeadLetterStore(self.app).add(entry)
+        except redis.RedisError as store_exc:
+            raise Reject(store_exc, requeue=True) from exc
         logger.error("ordering: %s[%s] %s; dead-lettered", task.name, task.request.id, exc)
         raise Ignore()
 
