@@ -61,6 +61,7 @@ STATE_TTL_MS = 7 * 24 * 3600 * 1000
 STATS_FIELDS = ("skipped", "duplicates", "cancelled", "republished", "unsequenced", "fenced")
 
 _SPEC_ATTR = "_reliable_ordering_spec"
+_POSITIONAL = ("name", "args", "kwargs")
 
 
 @dataclass(frozen=True)
@@ -247,11 +248,20 @@ def wrap_send_task(app: Any) -> None:
     if getattr(original, "_reliable_ordering", False):
         return
 
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
-    def send_task(name: str, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        task = app.tasks.get(name) if not app.conf.task_always_eager else None
-        if task is not None and getattr(task, "ordering_key", None) is not None:
-            options = assign_sequence(app, task, args, kwargs, options)
+    def send_task(
+        name: str, args: Any = None, kwargs: Any = None, *more: Any, **options: Any
+    ) -> Any:
+        task = app.tasks.get(name)
+        if task is None or getattr(task, "ordering_key", None) is None:
+            return original(name, args, kwargs, *more, **options)
+        if more:  # options given by position (countdown, eta, task_id...): name them
+            bound = signature.bind(name, args, kwargs, *more, **options)
+            options = {k: v for k, v in bound.arguments.items() if k not in _POSITIONAL}
+            options.update(options.pop("options", {}))
+        options = assign_sequence(app, task, args, kwargs, options)
         return original(name, args, kwargs, **options)
 
     send_task._reliable_ordering = True  # type: ignore[attr-defined]

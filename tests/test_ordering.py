@@ -4,6 +4,7 @@ numbers release it; a kill -9 loses nothing and keeps the order."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 import redis
 
 from celery_reliable import ConfigurationError, DeadLetterStore, ReliableTask
-from celery_reliable.ordering import assign_sequence, ordering_spec
+from celery_reliable.ordering import HEADER, assign_sequence, ordering_spec
 from celery_reliable.status import collect
 from celery_reliable.testing import RedisServer, wait_for
 from tests.apps import ordering
@@ -224,6 +225,31 @@ def test_an_ordered_task_costs_one_script_call_at_publish_start_and_end(ns, star
         assert calls("zadd") - zadd == tasks
     finally:
         coordination.close()
+
+
+def test_every_publish_path_takes_a_place_and_a_retry_keeps_it(ns):
+    """delay, send_task by name (options by keyword or by position) all take the next
+    place; re-publishing the same task id (what a retry does) keeps its place."""
+    app = ns.app(ordering.build)
+    step = app.tasks["ordering.step"]
+    first = step.delay("p", 0)
+    app.send_task("ordering.step", ("p", 1))
+    app.send_task("ordering.step", ("p", 2), None, None, None, "by-position")
+    step.apply_async(
+        ("p", 0), task_id=first.id, headers={HEADER: ["ordering.step", "p", 1, first.id]}
+    )
+    step.apply_async(("q", 0))
+    broker = redis.Redis.from_url(ns.broker_url)
+    messages = [json.loads(m) for m in broker.lrange(ns.broker_keyprefix + ns.queue, 0, -1)]
+    places = [m["headers"][HEADER] for m in reversed(messages)]  # LPUSH: newest first
+    assert [p[:3] for p in places] == [
+        ["ordering.step", "p", 1],
+        ["ordering.step", "p", 2],
+        ["ordering.step", "p", 3],
+        ["ordering.step", "p", 1],
+        ["ordering.step", "q", 1],
+    ]
+    assert places[0][3] == places[3][3] == first.id and places[2][3] == "by-position"
 
 
 def test_bad_ordering_options_fail_naming_the_option():
