@@ -42,6 +42,7 @@ from typing import Any
 import redis
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils import uuid
+from celery.utils.time import maybe_iso8601
 from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
 
@@ -237,9 +238,23 @@ def assign_sequence(
     if current is not None and current.task_id == task_id:
         return options
     store = store_for(app)
-    seq = store.run("ord_publish", key_names(store, spec.group, key)[:1], [STATE_TTL_MS])
+    delay_ms = int(due_in(options) * 1000)
+    seq = store.run("ord_publish", key_names(store, spec.group, key)[:1], [STATE_TTL_MS, delay_ms])
     headers[HEADER] = Place(spec.group, key, int(seq), task_id).header()
     return {**options, "task_id": task_id, "headers": headers}
+
+
+def due_in(options: dict[str, Any]) -> float:
+    """Seconds until a publish with ``countdown``/``eta`` is due (0 when it is not delayed)."""
+    countdown = options.get("countdown")
+    if isinstance(countdown, (int, float)) and countdown > 0:
+        return float(countdown)
+    eta = options.get("eta")
+    if isinstance(eta, str):
+        eta = maybe_iso8601(eta)
+    if eta is not None and hasattr(eta, "timestamp"):
+        return max(0.0, eta.timestamp() - time.time())
+    return 0.0
 
 
 def wrap_send_task(app: Any) -> None:

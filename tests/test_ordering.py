@@ -178,10 +178,20 @@ def test_revoked_expired_and_unpublished_do_not_block_their_keys(ns, start_worke
     lost_at = time.time()
     assign_sequence(app, step, ("g", 0), {}, {})
     after_gap = [step.delay("g", n) for n in (1, 2)]
-    wait_for(lambda: len(events(app, "ended")) == 4, 30, message="four runs ended")
+    # A delayed task (countdown longer than the gap timeout) is not a gap:
+    delayed = step.apply_async(("e", 0), countdown=gap + 2)
+    after_delayed = step.delay("e", 1)
+    wait_for(lambda: len(events(app, "ended")) == 6, 30, message="six runs ended")
     ends = {e["id"]: e for e in events(app, "ended")}
     starts = {e["id"]: e for e in events(app, "started")}
-    assert set(ends) == {first.id, last.id, *(r.id for r in after_gap)}
+    assert set(ends) == {
+        first.id,
+        last.id,
+        *(r.id for r in after_gap),
+        delayed.id,
+        after_delayed.id,
+    }
+    assert [r["n"] for r in runs_by_key(app)["e"]] == [0, 1]
     assert revoked.id not in starts and expired.id not in starts
     # released at once (well before the gap timeout), by the revoke/expiry handling
     assert starts[last.id]["t"] - ends[first.id]["t"] < gap / 2

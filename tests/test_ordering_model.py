@@ -91,7 +91,7 @@ class OrderingModel(RuleBasedStateMachine):
 
     @rule(key=st.sampled_from(KEYS), lost=st.booleans(), weight=st.integers(0, 3))
     def publish(self, key: str, lost: bool, weight: int) -> None:
-        seq = int(self.store.run("ord_publish", self.keys[key][:1], [STATE_TTL_MS]))
+        seq = int(self.store.run("ord_publish", self.keys[key][:1], [STATE_TTL_MS, 0]))
         self.published[key].append(seq)
         if lost and weight == 0:  # rarely: the producer died between place and publish
             self.lost.add((key, seq))

@@ -12,6 +12,7 @@ local nxt = tonumber(s[1]) or 1
 if seq < nxt then return {'passed'} end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HDEL', KEYS[2], seq)
+redis.call('HDEL', KEYS[1], 'd' .. seq)
 if seq > nxt then
   redis.call('HSET', KEYS[1], 'c' .. seq, 1)
   return {'later'}

@@ -17,7 +17,9 @@ if p then
   return {'republish', p}
 end
 if redis.call('HLEN', KEYS[2]) == 0 then return {'idle'} end
-if (tonumber(s[5]) or 0) > now then return {'pending'} end
+local due = math.max(tonumber(s[5]) or 0,
+  (tonumber(redis.call('HGET', KEYS[1], 'd' .. nxt)) or 0) + tonumber(ARGV[1]))
+if due > now then return {'pending'} end
 -- successors are parked but seq nxt is missing (never published, or its holder died
 -- and was not redelivered): count the wait from the lease's end or first sight
 local since = tonumber(s[4])
@@ -29,6 +31,7 @@ end
 if now - since < tonumber(ARGV[1]) then return {'pending'} end
 local skipped = nxt
 redis.call('HSET', KEYS[1], 's' .. nxt, now)
+redis.call('HDEL', KEYS[1], 'd' .. nxt)
 nxt = nxt + 1
 while redis.call('HDEL', KEYS[1], 'c' .. nxt) == 1 do
   redis.call('HDEL', KEYS[2], nxt)
