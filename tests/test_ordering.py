@@ -13,8 +13,17 @@ import pytest
 import redis
 
 from celery_reliable import ConfigurationError, DeadLetterStore, ReliableTask
-from celery_reliable.ordering import HEADER, assign_sequence, ordering_spec
+from celery_reliable.ordering import (
+    HEADER,
+    STATE_TTL_MS,
+    assign_sequence,
+    index_key,
+    key_names,
+    ordering_spec,
+)
+from celery_reliable.ordering_sweep import sweep_once
 from celery_reliable.status import collect
+from celery_reliable.store import store_for
 from celery_reliable.testing import RedisServer, wait_for
 from tests.apps import ordering
 from tests.apps.common import events, make_app
@@ -260,6 +269,53 @@ def test_every_publish_path_takes_a_place_and_a_retry_keeps_it(ns):
         ["ordering.step", "q", 1],
     ]
     assert places[0][3] == places[3][3] == first.id and places[2][3] == "by-position"
+
+
+def test_lease_is_renewed_so_a_redelivered_duplicate_of_a_long_task_waits(ns, start_worker):
+    """A task running longer than its lease (3 s) and than the visibility timeout (2 s):
+    the broker redelivers a duplicate while it runs. The renewed lease makes the duplicate
+    park instead of taking the key over, so nothing overlaps and it runs once."""
+    app = ns.app(ordering.build)
+    start_worker("ordering", name="w1", concurrency=2, env=CRASH_ENV)
+    step = app.tasks["ordering.step"]
+    long = step.delay("L", 0, 6.0)
+    nxt = step.delay("L", 1)
+    wait_for(lambda: len(events(app, "ended")) == 2, 30, message="both ended")
+    runs = runs_by_key(app)["L"]
+    check_order({"L": runs})
+    assert [r["id"] for r in runs] == [long.id, nxt.id], "the long task ran once"
+    status = collect(app)["ordering"]
+    assert status["fenced"] == 0 and status["parked"] == 0
+
+
+def test_sweep_redoes_a_lost_hand_off_and_forgets_idle_keys(ns):
+    """The process that advanced the key died before re-publishing the next task: the
+    next task is still parked, and the sweep re-publishes it (once), same id and place."""
+    app = ns.app(ordering.build)
+    step = app.tasks["ordering.step"]
+    store = store_for(app)
+    keys = key_names(store, "ordering.step", "h")
+    places = [assign_sequence(app, step, ("h", n), {}, {}) for n in (0, 1)]
+    payloads = [json.dumps(dict(step.s("h", n).set(**places[n]))) for n in (0, 1)]
+    run = store.run("ord_start", keys, [1, 60_000, payloads[0], STATE_TTL_MS])
+    assert run[0] == "run"
+    assert store.run("ord_start", keys, [2, 60_000, payloads[1], STATE_TTL_MS]) == ["park"]
+    store.client.zadd(index_key(store), {json.dumps(["ordering.step", "h"]): 1})
+    end = store.run("ord_end", keys, [1, run[1], "done", 0])
+    assert end[0] == "next"  # ... and this process dies before publishing it
+    assert sweep_once(app, handoff_timeout=5.0).republished == 0  # hand-off in flight
+    assert sweep_once(app, handoff_timeout=0.0).republished == 1
+    assert sweep_once(app, handoff_timeout=5.0).republished == 0  # recorded: not twice
+    broker = redis.Redis.from_url(ns.broker_url)
+    (message,) = [json.loads(m) for m in broker.lrange(ns.broker_keyprefix + ns.queue, 0, -1)]
+    assert message["headers"]["id"] == places[1]["task_id"]
+    assert message["headers"][HEADER][2] == 2
+    assert collect(app)["ordering"]["parked"] == 1
+    # it starts (the parked entry goes), ends, and the idle key leaves the sweep index
+    run = store.run("ord_start", keys, [2, 60_000, payloads[1], STATE_TTL_MS])
+    assert store.run("ord_end", keys, [2, run[1], "done", 0]) == ["ok"]
+    report = sweep_once(app)
+    assert report.idle == 1 and collect(app)["ordering"]["keys"] == 0
 
 
 def test_bad_ordering_options_fail_naming_the_option():
