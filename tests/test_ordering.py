@@ -359,3 +359,9 @@ def test_bad_ordering_options_fail_naming_the_option():
         ordering_spec(app.tasks["bad.key"])
     with pytest.raises(ConfigurationError, match=r"^ordering_group"):
         ordering_spec(app.tasks["bad.group"])
+
+
+def test_worker_refuses_to_start_with_a_bad_ordering_key(start_worker):
+    worker = start_worker("ordering_bad", wait=False)
+    assert worker.wait_exit(30) != 0
+    assert "ordering_key: task 'bad.key' has no parameter 'acount_id'" in worker.log()
