@@ -129,6 +129,24 @@ def test_interleaved_keys_never_overlap_and_start_in_order(ns, start_worker):
     print(f"\n{total} ordered tasks over {KEYS} keys in {elapsed:.1f}s")
 
 
+def stuck_keys(app: Any, ids: dict[str, list[str]], per_key: int) -> str:
+    """For a failure message: the Redis state of keys whose tasks did not all end."""
+    store = store_for(app)
+    ended: dict[str, set[int]] = defaultdict(set)
+    for e in events(app, "ended"):
+        ended[e["key"]].add(e["n"])
+    lines = []
+    for key in ids:
+        missing = sorted(set(range(per_key)) - ended[key])
+        if missing:
+            state, parked = key_names(store, "ordering.step", key)
+            lines.append(
+                f"{key}: missing {missing[:5]} state {store.client.hgetall(state)} "
+                f"parked {sorted(int(x) for x in store.client.hkeys(parked))[:5]}"
+            )
+    return "\n".join(lines) + f"\nstatus {collect(app)['ordering']}"
+
+
 def test_kill9_of_a_worker_keeps_order_and_loses_nothing(ns, start_worker):
     keys, per_key = KEYS, PER_KEY
     app = ns.app(ordering.build)
@@ -156,7 +174,19 @@ def test_kill9_of_a_worker_keeps_order_and_loses_nothing(ns, start_worker):
     def distinct_ended() -> int:
         return len({(e["key"], e["n"]) for e in events(app, "ended")})
 
-    wait_for(lambda: distinct_ended() == total, 90, message=f"{total} tasks ended")
+    wait_for(
+        lambda: distinct_ended() == total,
+        60,
+        message=lambda: (
+            f"{total} tasks ended; stuck keys:\n{stuck_keys(app, ids, per_key)}\n"
+            + "\n".join(
+                line
+                for w in workers
+                for line in w.log().splitlines()
+                if "ordering:" in line or "ERROR" in line
+            )[-6000:]
+        ),
+    )
     # At least once: a run that ended its body on the victim just before the kill, but
     # whose end script did not run, runs again (before its successors). Nothing else may.
     ended = events(app, "ended")
