@@ -147,6 +147,29 @@ def stuck_keys(app: Any, ids: dict[str, list[str]], per_key: int) -> str:
     return "\n".join(lines) + f"\nstatus {collect(app)['ordering']}"
 
 
+def unfinished(app: Any) -> list[tuple[str, int, str]]:
+    ended = {(e["key"], e["n"]) for e in events(app, "ended")}
+    return [
+        (e["key"], e["n"], e["hostname"])
+        for e in events(app, "started")
+        if (e["key"], e["n"]) not in ended
+    ]
+
+
+def broker_unacked(ns: Any, ids: dict[str, list[str]]) -> str:
+    """For a failure message: which tasks sit in the broker's unacked hash, and the TTL
+    of kombu's restore mutex (a worker killed while holding it blocks restores)."""
+    broker = redis.Redis.from_url(ns.broker_url, decode_responses=True)
+    prefix = ns.broker_keyprefix
+    unacked = broker.hgetall(prefix + "unacked")
+    where = {i: k for k, v in ids.items() for i in v}
+    held = []
+    for raw in unacked.values():
+        task_id = json.loads(raw)[0]["headers"]["id"]
+        held.append(f"{where.get(task_id)}:{task_id[:8]}")
+    return f"unacked {held[:20]} mutex ttl {broker.pttl(prefix + 'unacked_mutex')} ms"
+
+
 def test_kill9_of_a_worker_keeps_order_and_loses_nothing(ns, start_worker):
     keys, per_key = KEYS, PER_KEY
     app = ns.app(ordering.build)
@@ -179,6 +202,8 @@ def test_kill9_of_a_worker_keeps_order_and_loses_nothing(ns, start_worker):
         60,
         message=lambda: (
             f"{total} tasks ended; stuck keys:\n{stuck_keys(app, ids, per_key)}\n"
+            f"{broker_unacked(ns, ids)}\n"
+            f"unfinished runs: {unfinished(app)}\n"
             + "\n".join(
                 line
                 for w in workers
