@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import admission, drain, metrics, registry
+from . import admission, drain, metrics, ordering, registry
 
 #: Feature modules, each registering a ``@feature`` installer when imported.
-MODULES = (admission, drain, metrics, registry)
+MODULES = (admission, drain, metrics, ordering, registry)
