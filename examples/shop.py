@@ -40,6 +40,8 @@ QUEUE = os.environ.get("SHOP_QUEUE", "shop")
 #: Catalog of known SKUs (a Redis SET) and the list of shipped order ids.
 CATALOG_KEY = "shop:catalog"
 SHIPPED_KEY = "shop:shipped"
+#: Hash of order id -> JSON list of (node, event, time) for ``pack_order`` runs.
+PACKING_KEY = "shop:packing"
 #: The orders ``place`` publishes: the lamp is not in the catalog yet.
 ORDERS = [("order-1", "mug"), ("order-2", "lamp"), ("order-3", "mug")]
 INITIAL_CATALOG = ("mug", "teapot")
@@ -86,7 +88,38 @@ def ship_order(self: Any, order_id: str, sku: str) -> str:
     return order_id
 
 
+@app.task(base=ReliableTask, bind=True, name="shop.pack_order")
+def pack_order(self: Any, order_id: str, seconds: float) -> str:
+    """A slow task (``seconds`` of packing): the demo kills its worker in the middle."""
+    db().rpush(f"{PACKING_KEY}:{order_id}", f"started {self.request.hostname} {time.time()}")
+    print(f"packing {order_id} on {self.request.hostname}", flush=True)
+    time.sleep(seconds)
+    db().rpush(f"{PACKING_KEY}:{order_id}", f"packed {self.request.hostname} {time.time()}")
+    print(f"packed {order_id}", flush=True)
+    return order_id
+
+
 # --- the producer and helpers the demo calls: python -m examples.shop COMMAND ---
+
+
+def wait_packed(order_id: str, timeout: float) -> None:
+    """Wait until ``order_id`` was packed; print each run and the recovery time."""
+    deadline = time.monotonic() + timeout
+    key = f"{PACKING_KEY}:{order_id}"
+    while not any(e.startswith("packed") for e in db().lrange(key, 0, -1)):
+        if time.monotonic() > deadline:
+            sys.exit(f"timed out waiting for {order_id} to be packed: {db().lrange(key, 0, -1)}")
+        time.sleep(0.1)
+    runs = [e.split() for e in db().lrange(key, 0, -1)]
+    for event, node, _ in runs:
+        print(f"  {event:<8} on {node}")
+    starts = [float(t) for event, _, t in runs if event == "started"]
+    killed = float(db().get("shop:killed_at") or 0)
+    if len(starts) == 2 and killed:
+        print(
+            f"the task ran again {starts[1] - killed:.1f}s after kill -9 "
+            "(the broker's visibility timeout is one hour)"
+        )
 
 
 def place() -> None:
@@ -116,6 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     add = sub.add_parser("add-sku", help="add a SKU to the catalog (the fix)")
     add.add_argument("sku")
     sub.add_parser("shipped", help="list shipped orders")
+    pack = sub.add_parser("pack", help="publish a slow packing task")
+    pack.add_argument("order_id")
+    pack.add_argument("--seconds", type=float, default=4.0)
+    sub.add_parser("killed", help="note the time of a kill -9 (for the recovery time)")
+    wp = sub.add_parser("wait-packed", help="wait until an order was packed")
+    wp.add_argument("order_id")
+    wp.add_argument("--timeout", type=float, default=60.0)
     w = sub.add_parser("wait", help="wait until that many orders shipped / dead-lettered")
     w.add_argument("--shipped", type=int, required=True)
     w.add_argument("--dead", type=int, required=True)
@@ -126,6 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "add-sku":
         db().sadd(CATALOG_KEY, args.sku)
         print(f"added {args.sku!r} to the catalog")
+    elif args.command == "pack":
+        result = pack_order.delay(args.order_id, args.seconds)
+        print(f"placed packing of {args.order_id} ({args.seconds:g}s) as task {result.id}")
+    elif args.command == "killed":
+        db().set("shop:killed_at", time.time())
+    elif args.command == "wait-packed":
+        wait_packed(args.order_id, args.timeout)
     elif args.command == "shipped":
         print("shipped:", ", ".join(db().lrange(SHIPPED_KEY, 0, -1)) or "nothing")
     else:

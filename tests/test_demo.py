@@ -28,3 +28,7 @@ def test_demo_runs_end_to_end():
     assert "1 replayed" in out
     assert "shipped order-2: lamp (replayed from dead letter" in out
     assert "3 shipped, 0 dead-lettered" in out and out.rstrip().endswith("stopped")
+    # act 7: the killed worker's task ran again on the second worker, recovered by the reaper
+    assert "started  on shop@" in out and "packed   on shop2@" in out
+    assert "reaper: recovered shop.pack_order[" in out
+    assert "the task ran again" in out
