@@ -60,6 +60,19 @@ def enabled() -> bool:
     return _enabled
 
 
+#: name -> (kind, help text, label names) of every metric; created on first use.
+_DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "tasks": ("counter", "ReliableTask runs by outcome", ("task", "outcome")),
+    "dead_letters": ("counter", "Dead letters written", ("task", "reason")),
+    "events": ("counter", "Reliability feature events", ("feature", "event")),
+    "breaker_state": (
+        "gauge",
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+        ("breaker",),
+    ),
+}
+
+
 def _metric(name: str) -> Any:
     metric = _metrics.get(name)
     if metric is not None:
@@ -68,34 +81,13 @@ def _metric(name: str) -> Any:
         if name not in _metrics:
             from prometheus_client import Counter, Gauge
 
-            if name == "tasks":
-                _metrics[name] = Counter(
-                    "tasks",
-                    "ReliableTask runs by outcome",
-                    ["task", "outcome"],
-                    namespace=NAMESPACE,
-                )
-            elif name == "dead_letters":
-                _metrics[name] = Counter(
-                    "dead_letters", "Dead letters written", ["task", "reason"], namespace=NAMESPACE
-                )
-            elif name == "events":
-                _metrics[name] = Counter(
-                    "events",
-                    "Reliability feature events",
-                    ["feature", "event"],
-                    namespace=NAMESPACE,
-                )
-            elif name == "breaker_state":
+            kind, text, labels = _DEFINITIONS[name]
+            if kind == "gauge":
                 _metrics[name] = Gauge(
-                    "breaker_state",
-                    "Circuit breaker state: 0 closed, 1 half-open, 2 open",
-                    ["breaker"],
-                    namespace=NAMESPACE,
-                    multiprocess_mode="mostrecent",
+                    name, text, labels, namespace=NAMESPACE, multiprocess_mode="mostrecent"
                 )
             else:
-                raise KeyError(name)
+                _metrics[name] = Counter(name, text, labels, namespace=NAMESPACE)
         return _metrics[name]
 
 
