@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import redis
 from celery.exceptions import Ignore, Reject
 
-from .deadletter import DeadLetterStore
 from .extensions import ORDER_LEDGER, Outcome
 from .install import settings_of
 from .registry import RegistryKeys, current_worker_id
@@ -119,19 +118,11 @@ class LedgerExtension:
     def _give_up(self, task: ReliableTask, recoveries: int, limit: int) -> None:
         exc = RecoveredTooOften(task.request.id, recoveries, limit)
         if task.dead_letter:
-            entry = task.dead_letter_entry(exc, "orphaned", None)
             try:
-                DeadLetterStore(self.app).add(entry)
-            except Exception as store_exc:
-                # Never drop a task we could not record: put the message back for later.
-                logger.error(
-                    "Could not dead-letter %s[%s] (%r); requeueing the message",
-                    task.name,
-                    task.request.id,
-                    store_exc,
-                )
+                task.record_dead_letter(task.dead_letter_entry(exc, "orphaned", None), exc)
+            except Reject:
                 self._remove(task, terminal=False)
-                raise Reject(store_exc, requeue=True) from exc
+                raise
         else:
             logger.error("%s; dead_letter=False, so it is dropped", exc)
         self._remove(task, terminal=True)

@@ -196,19 +196,26 @@ class ReliableTask(Task):  # type: ignore[misc]
             reason = "dead_letter_for"
         else:
             reason = "max_retries"
-        entry = self.dead_letter_entry(exc, reason, tb_module.format_exc())
+        self.record_dead_letter(self.dead_letter_entry(exc, reason, tb_module.format_exc()), exc)
+        return True
+
+    def record_dead_letter(self, entry: DeadLetter, cause: BaseException) -> None:
+        """Write ``entry`` (waiting out a short Redis blip) before the message is acked.
+
+        Raises:
+            Reject: with ``requeue=True`` when the store cannot be written: a failure we
+                could not record is never acked, the message goes back for later.
+        """
         try:
             DeadLetterStore(self.app).add_patiently(entry)
         except Exception as store_exc:
-            # Never ack a failure we could not record: put the message back for later.
             logger.error(
                 "Could not write dead letter for %s[%s] (%r); requeueing the message",
                 self.name,
                 self.request.id,
                 store_exc,
             )
-            raise Reject(store_exc, requeue=True) from exc
-        return True
+            raise Reject(store_exc, requeue=True) from cause
 
     def dead_letter_entry(
         self, exc: BaseException, reason: str, traceback: str | None
