@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from celery_reliable.admission import breaker_key, bucket_key, copy_key
-from celery_reliable.config import Settings
-from celery_reliable.store import RedisStore
+from celery_reliable.admission.extension import breaker_key, bucket_key, copy_key
+from celery_reliable.admission.scripts import ADMIT
+from celery_reliable.core.config import Settings
+from celery_reliable.core.store import RedisStore
 from celery_reliable.testing import RedisServer
 
 #: Calls per measurement.
@@ -39,7 +40,7 @@ def main() -> None:
             if breaker:
                 keys.append(breaker_key(store, "v"))
                 argv[4:7] = ["1", 1_000_000, 1_000_000]
-            return store.run("admit", keys, argv)
+            return store.run(ADMIT, keys, argv)
 
         set_us = per_call_us(lambda i: store.client.set("k", i))
         bucket_us = per_call_us(lambda i: admit(i, False))

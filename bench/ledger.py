@@ -17,9 +17,10 @@ import sys
 import time
 import uuid
 
-from celery_reliable.config import Settings
-from celery_reliable.registry import RegistryKeys, new_worker_id
-from celery_reliable.store import RedisStore
+from celery_reliable.core.config import Settings
+from celery_reliable.core.store import RedisStore
+from celery_reliable.orphans.registry import RegistryKeys, new_worker_id
+from celery_reliable.orphans.scripts import LEDGER_END, LEDGER_START
 from celery_reliable.testing import RedisServer
 
 
@@ -38,13 +39,13 @@ def main(argv: list[str] | None = None) -> int:
             task_id = str(uuid.uuid4())
             t0 = time.perf_counter()
             store.run(
-                "ledger_start",
+                LEDGER_START,
                 keys=[keys.ledger(wid), keys.workers, keys.recoveries(task_id)],
                 args=[wid, task_id, entry],
             )
             t1 = time.perf_counter()
             store.run(
-                "ledger_end",
+                LEDGER_END,
                 keys=[keys.ledger(wid), keys.recoveries(task_id), keys.stats],
                 args=[task_id, "1"],
             )

@@ -10,8 +10,9 @@ Examples:
 
 from __future__ import annotations
 
-from .config import Settings
-from .deadletter import DeadLetter, DeadLetterStore, Replayed
+from .core.config import Settings
+from .deadletters.record import DeadLetter
+from .deadletters.store import DeadLetterStore, Replayed
 from .errors import (
     ConfigurationError,
     DeadLetterNotFound,

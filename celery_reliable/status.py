@@ -1,4 +1,4 @@
-"""The data behind ``celery reliable status``: one section per feature.
+"""The data behind ``celery reliable status``: one section per feature, in display order.
 
 Examples:
     >>> from celery_reliable.status import collect
@@ -11,35 +11,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .deadletter import DeadLetterStore
-
-#: Section name -> function ``(app) -> JSON-able value``, in display order.
-_sections: dict[str, Callable[[Any], Any]] = {}
+from . import admission, ordering, orphans
+from .deadletters import DeadLetterStore
 
 
-def register(name: str) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
-    """Decorator: add a section to the status report."""
-
-    def decorate(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        _sections[name] = fn
-        return fn
-
-    return decorate
-
-
-@register("dead_letters")
-def _dead_letters(app: Any) -> dict[str, int]:
+def dead_letters_status(app: Any) -> dict[str, int]:
+    """Size and counters of the dead-letter store."""
     return DeadLetterStore(app).stats()
 
 
-#: Sections shown first, in this order; any other section follows in registration order.
-DISPLAY_ORDER = ("workers", "orphans", "breakers", "buckets", "ordering", "dead_letters")
+#: Section name -> function ``(app) -> JSON-able value``, in display order.
+SECTIONS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    ("workers", orphans.live_workers),
+    ("orphans", orphans.reaper_stats),
+    ("breakers", admission.breakers_status),
+    ("buckets", admission.buckets_status),
+    ("ordering", ordering.status),
+    ("dead_letters", dead_letters_status),
+)
 
 
 def collect(app: Any) -> dict[str, Any]:
     """Every section of the status report, as one JSON-able dict."""
-    from . import features  # noqa: F401  (every feature registers its section on import)
-
-    rank = {name: i for i, name in enumerate(DISPLAY_ORDER)}
-    names = sorted(_sections, key=lambda n: rank.get(n, len(rank)))
-    return {name: _sections[name](app) for name in names}
+    return {name: section(app) for name, section in SECTIONS}

@@ -16,19 +16,13 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from kombu.serialization import dumps
 
-from .deadletter import DeadLetter, DeadLetterStore, now
+from .core.extensions import Deferred, Outcome, TaskExtension
+from .core.state import extensions_of, settings_of
+from .deadletters.record import DeadLetter, exception_name, now
+from .deadletters.store import DeadLetterStore
 from .errors import PayloadTooLarge
-from .extensions import Deferred, Outcome, TaskExtension
-from .install import extensions_of, settings_of
 
 logger = logging.getLogger(__name__)
-
-
-def exception_name(exc: BaseException) -> str:
-    cls = type(exc)
-    return (
-        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    )
 
 
 class ReliableTask(Task):  # type: ignore[misc]

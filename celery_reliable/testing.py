@@ -425,8 +425,10 @@ class DeadLetterProbe:
         ...     assert reliable_dead_letters(app) == [entry]
     """
 
+    # Imported on use: this module is a pytest plugin that every pytest run of a project
+    # with the package installed loads; it must not import Celery and redis at start.
     def __call__(self, app: Any) -> list[Any]:
-        from .deadletter import DeadLetterStore
+        from .deadletters.store import DeadLetterStore
 
         return DeadLetterStore(app).list(limit=None)
 
@@ -443,7 +445,7 @@ class DeadLetterProbe:
             WaitTimeout: it was not dead-lettered in time (the message lists what was).
             AssertionError: it was, but with another ``reason``.
         """
-        from .deadletter import DeadLetterStore
+        from .deadletters.store import DeadLetterStore
         from .errors import DeadLetterNotFound
 
         store = DeadLetterStore(app)

@@ -17,5 +17,7 @@ ruff check celery_reliable tests examples bench
 ruff format --check celery_reliable tests examples bench
 echo "--> mypy"
 mypy
+echo "--> import layers (import-linter)"
+lint-imports
 echo "--> pytest"
 pytest "$@"

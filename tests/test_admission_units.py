@@ -13,10 +13,11 @@ from celery import Celery
 
 import celery_reliable
 from celery_reliable import ConfigurationError, ReliableTask, Settings
-from celery_reliable.admission import breaker_key, bucket_key, copy_key, validate_tasks
-from celery_reliable.breaker import BreakerSpec, outcome_kind
-from celery_reliable.ratelimit import BucketSpec, default_burst, parse_rate
-from celery_reliable.store import RedisStore
+from celery_reliable.admission.breaker import BreakerSpec, outcome_kind
+from celery_reliable.admission.extension import breaker_key, bucket_key, copy_key, validate_tasks
+from celery_reliable.admission.ratelimit import BucketSpec, default_burst, parse_rate
+from celery_reliable.admission.scripts import ADMIT, BREAKER_REPORT
+from celery_reliable.core.store import RedisStore
 
 US = 1_000_000
 
@@ -133,11 +134,11 @@ def admit(
     if breaker:
         keys.append(breaker_key(store, breaker))
         argv[4:7] = ["1", int(kw.get("reset", 0.2) * US), int(kw.get("lease", 0.2) * US)]
-    return store.run("admit", keys, argv)
+    return store.run(ADMIT, keys, argv)
 
 
 def report(store: RedisStore, breaker: str, kind: str, task_id: str, fail_max: int = 2) -> Any:
-    return store.run("breaker_report", [breaker_key(store, breaker)], [kind, task_id, fail_max])
+    return store.run(BREAKER_REPORT, [breaker_key(store, breaker)], [kind, task_id, fail_max])
 
 
 def test_bucket_reserves_consecutive_slots_one_interval_apart(store: RedisStore) -> None:

@@ -8,7 +8,7 @@ import logging
 import time
 
 from celery_reliable import DeadLetter, DeadLetterStore
-from celery_reliable.store import RedisStore
+from celery_reliable.core.store import RedisStore
 from tests.apps import basic
 
 
@@ -22,7 +22,7 @@ def test_max_drops_the_oldest_and_counts_them(ns, caplog):
     app = ns.app(basic.build, reliable_dead_letter_max=3)
     store = DeadLetterStore(app)
     base = time.time() - 100
-    with caplog.at_level(logging.WARNING, logger="celery_reliable.deadletter"):
+    with caplog.at_level(logging.WARNING, logger="celery_reliable.deadletters.store"):
         for i in range(5):
             assert store.add(entry(i, base + i))
     assert [e.id for e in store.list(limit=None)] == ["id-4", "id-3", "id-2"]
@@ -46,7 +46,7 @@ def test_ttl_expires_old_entries_on_the_next_write_and_counts_them(ns, caplog):
     # the same store read with a shorter TTL: the next write expires what is now too old
     shorter = dataclasses.replace(store.settings, dead_letter_ttl=600.0)
     short = DeadLetterStore(app, RedisStore(shorter))
-    with caplog.at_level(logging.WARNING, logger="celery_reliable.deadletter"):
+    with caplog.at_level(logging.WARNING, logger="celery_reliable.deadletters.store"):
         short.add(entry(4, now))
     assert [e.id for e in store.list(limit=None)] == ["id-4", "id-3"]
     assert store.stats() == {"added": 4, "expired": 2, "dropped": 0, "count": 2}
@@ -62,7 +62,7 @@ def test_an_idle_store_applies_retention_when_read(ns, caplog):
     store.add(entry(2, now - 60))
     shorter = dataclasses.replace(store.settings, dead_letter_ttl=3600.0)
     reader = DeadLetterStore(app, RedisStore(shorter))
-    with caplog.at_level(logging.WARNING, logger="celery_reliable.deadletter"):
+    with caplog.at_level(logging.WARNING, logger="celery_reliable.deadletters.store"):
         assert [e.id for e in reader.list(limit=None)] == ["id-2"]
     assert any("1 entries expired" in r.getMessage() for r in caplog.records)
     assert reader.stats() == {"added": 2, "expired": 1, "dropped": 0, "count": 1}

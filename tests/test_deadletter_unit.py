@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from kombu import Message
 
 from celery_reliable import DeadLetter
-from celery_reliable.badinput import MAX_BODY_BYTES, entry_for_message
+from celery_reliable.deadletters.badinput import MAX_BODY_BYTES, entry_for_message
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

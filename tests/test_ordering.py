@@ -13,7 +13,8 @@ import pytest
 import redis
 
 from celery_reliable import ConfigurationError, DeadLetterStore, ReliableTask
-from celery_reliable.ordering import (
+from celery_reliable.core.store import store_for
+from celery_reliable.ordering.extension import (
     HEADER,
     STATE_TTL_MS,
     assign_sequence,
@@ -21,9 +22,9 @@ from celery_reliable.ordering import (
     key_names,
     ordering_spec,
 )
-from celery_reliable.ordering_sweep import sweep_once
+from celery_reliable.ordering.scripts import ORD_END, ORD_START
+from celery_reliable.ordering.sweep import sweep_once
 from celery_reliable.status import collect
-from celery_reliable.store import store_for
 from celery_reliable.testing import ReaperProcess, RedisServer, wait_for
 from tests.apps import ordering
 from tests.apps.common import events, make_app
@@ -401,11 +402,11 @@ def test_sweep_redoes_a_lost_hand_off_and_forgets_idle_keys(ns):
     keys = key_names(store, "ordering.step", "h")
     places = [assign_sequence(app, step, ("h", n), {}, {}) for n in (0, 1)]
     payloads = [json.dumps(dict(step.s("h", n).set(**places[n]))) for n in (0, 1)]
-    run = store.run("ord_start", keys, [1, 60_000, payloads[0], STATE_TTL_MS])
+    run = store.run(ORD_START, keys, [1, 60_000, payloads[0], STATE_TTL_MS])
     assert run[0] == "run"
-    assert store.run("ord_start", keys, [2, 60_000, payloads[1], STATE_TTL_MS]) == ["park"]
+    assert store.run(ORD_START, keys, [2, 60_000, payloads[1], STATE_TTL_MS]) == ["park"]
     store.client.zadd(index_key(store), {json.dumps(["ordering.step", "h"]): 1})
-    end = store.run("ord_end", keys, [1, run[1], "done", 0])
+    end = store.run(ORD_END, keys, [1, run[1], "done", 0])
     assert end[0] == "next"  # ... and this process dies before publishing it
     assert sweep_once(app, handoff_timeout=5.0).republished == 0  # hand-off in flight
     assert sweep_once(app, handoff_timeout=0.0).republished == 1
@@ -416,8 +417,8 @@ def test_sweep_redoes_a_lost_hand_off_and_forgets_idle_keys(ns):
     assert message["headers"][HEADER][2] == 2
     assert collect(app)["ordering"]["parked"] == 1
     # it starts (the parked entry goes), ends, and the idle key leaves the sweep index
-    run = store.run("ord_start", keys, [2, 60_000, payloads[1], STATE_TTL_MS])
-    assert store.run("ord_end", keys, [2, run[1], "done", 0]) == ["ok"]
+    run = store.run(ORD_START, keys, [2, 60_000, payloads[1], STATE_TTL_MS])
+    assert store.run(ORD_END, keys, [2, run[1], "done", 0]) == ["ok"]
     report = sweep_once(app)
     assert report.idle == 1 and collect(app)["ordering"]["keys"] == 0
 

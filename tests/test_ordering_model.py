@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from celery_reliable.config import Settings
-from celery_reliable.ordering import STATE_TTL_MS, key_names
-from celery_reliable.store import RedisStore
+from celery_reliable.core.config import Settings
+from celery_reliable.core.store import RedisStore
+from celery_reliable.ordering.extension import STATE_TTL_MS, key_names
+from celery_reliable.ordering.scripts import ORD_CANCEL, ORD_END, ORD_PUBLISH, ORD_START, ORD_SWEEP
 
 KEYS = ("a", "b")
 LEASE_MS = 60_000
@@ -62,14 +63,14 @@ class OrderingModel(RuleBasedStateMachine):
 
     def deliver_message(self, key: str, seq: int) -> None:
         if (key, seq) in self.revoked:  # the worker sees a revoked id: task_revoked
-            reply = self.run("ord_cancel", key, seq, "0", STATE_TTL_MS)
+            reply = self.run(ORD_CANCEL, key, seq, "0", STATE_TTL_MS)
             if reply[0] in ("ok", "next", "later"):
                 self.cancelled.add((key, seq))
             if reply[0] == "next":
                 self.handed(reply)
             return
         payload = json.dumps({"key": key, "seq": seq})
-        reply = self.run("ord_start", key, seq, LEASE_MS, payload, STATE_TTL_MS)
+        reply = self.run(ORD_START, key, seq, LEASE_MS, payload, STATE_TTL_MS)
         if reply[0] == "run":
             assert key not in self.running, (
                 f"{key}: #{seq} started while #{self.running[key][0]} runs"
@@ -91,7 +92,7 @@ class OrderingModel(RuleBasedStateMachine):
 
     @rule(key=st.sampled_from(KEYS), lost=st.booleans(), weight=st.integers(0, 3))
     def publish(self, key: str, lost: bool, weight: int) -> None:
-        seq = int(self.store.run("ord_publish", self.keys[key][:1], [STATE_TTL_MS, 0]))
+        seq = int(self.store.run(ORD_PUBLISH, self.keys[key][:1], [STATE_TTL_MS, 0]))
         self.published[key].append(seq)
         if lost and weight == 0:  # rarely: the producer died between place and publish
             self.lost.add((key, seq))
@@ -113,7 +114,7 @@ class OrderingModel(RuleBasedStateMachine):
         if key not in self.running:
             return
         seq, token = self.running.pop(key)
-        reply = self.run("ord_end", key, seq, token, "again" if again else "done", 0)
+        reply = self.run(ORD_END, key, seq, token, "again" if again else "done", 0)
         assert reply[0] != "fenced"
         if again:
             self.broker.append((key, seq))  # the retry message
@@ -138,7 +139,7 @@ class OrderingModel(RuleBasedStateMachine):
         if not self.crashed:
             return
         key, seq, token, starts = self.crashed.pop(i % len(self.crashed))
-        reply = self.run("ord_end", key, seq, token, "done", 0)
+        reply = self.run(ORD_END, key, seq, token, "done", 0)
         if self.starts[key] > starts or self.done[(key, seq)]:
             assert reply[0] == "fenced", f"{key}: #{seq} zombie advanced a taken-over key"
         if reply[0] != "fenced":
@@ -154,7 +155,7 @@ class OrderingModel(RuleBasedStateMachine):
     @rule(key=st.sampled_from(KEYS))
     def sweep(self, key: str) -> None:
         """A sweep with an immediate hand-off timeout (redo at once) but no gap skips."""
-        reply = self.run("ord_sweep", key, NEVER_MS, 0)
+        reply = self.run(ORD_SWEEP, key, NEVER_MS, 0)
         assert reply[0] != "skipped"
         if reply[0] == "republish":
             self.handed(reply)
@@ -182,7 +183,7 @@ class OrderingModel(RuleBasedStateMachine):
                 self.finish(key, again=False)
             verdicts = set()
             for key in KEYS:
-                reply = self.run("ord_sweep", key, 0, 0)
+                reply = self.run(ORD_SWEEP, key, 0, 0)
                 verdicts.add(reply[0])
                 if reply[0] == "skipped":
                     self.skipped.add((key, int(reply[1])))

@@ -22,8 +22,9 @@ import pytest
 import redis
 
 from celery_reliable import DeadLetterStore
-from celery_reliable.registry import RegistryKeys, live_workers, reaper_stats
-from celery_reliable.store import store_for
+from celery_reliable.core.store import store_for
+from celery_reliable.orphans.registry import RegistryKeys, live_workers, reaper_stats
+from celery_reliable.orphans.scripts import LEDGER_START
 from celery_reliable.testing import ReaperProcess, WaitTimeout, WorkerProcess, wait_for
 from tests.apps import orphans
 from tests.apps.common import events, install, make_app
@@ -400,7 +401,7 @@ def _fabricate_dead_workers(
                 "t": time.time(),
             }
             store.run(
-                "ledger_start",
+                LEDGER_START,
                 keys=[k.ledger(wid), k.workers, k.recoveries(message.headers["id"])],
                 args=[wid, message.headers["id"], json.dumps(entry)],
             )
@@ -414,7 +415,7 @@ def test_concurrent_reaper_passes_recover_each_message_once(ns):
     claimed once and each message restored once, straight out of kombu's unacked set."""
     import threading
 
-    from celery_reliable.reaper import Reaper
+    from celery_reliable.orphans.reaper import Reaper
 
     app = ns.app(orphans.build, reliable_heartbeat_interval=0.5, reliable_worker_timeout=1)
     wids, tags = _fabricate_dead_workers(app, ns, workers=4, per_worker=5)
@@ -539,7 +540,7 @@ def test_worker_and_reaper_survive_a_coordination_redis_outage(ns, start_worker,
 
 
 def test_worker_ids_are_unique_even_for_the_same_host_and_pid():
-    from celery_reliable.registry import new_worker_id
+    from celery_reliable.orphans.registry import new_worker_id
 
     ids = {new_worker_id("web-1", 42) for _ in range(1000)}
     assert len(ids) == 1000
@@ -560,6 +561,6 @@ def test_worker_ids_are_unique_even_for_the_same_host_and_pid():
 def test_broker_kind_decides_how_orphans_are_recovered(url, redis_broker):
     from celery import Celery
 
-    from celery_reliable.registry import broker_is_redis
+    from celery_reliable.core.broker import broker_is_redis
 
     assert broker_is_redis(Celery("x", broker=url)) is redis_broker

@@ -12,7 +12,7 @@ from celery import Celery
 
 import celery_reliable
 from celery_reliable import ConfigurationError, Settings
-from celery_reliable.config import DEFAULT_DEAD_LETTER_MAX, DEFAULT_REDIS_URL
+from celery_reliable.core.config import DEFAULT_DEAD_LETTER_MAX, DEFAULT_REDIS_URL
 from tests.conftest import ROOT
 
 

@@ -13,7 +13,8 @@ from celery.bin.base import CeleryCommand
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
-from ..deadletter import DeadLetter, DeadLetterStore
+from ..deadletters.record import DeadLetter
+from ..deadletters.store import DeadLetterStore
 from ..errors import DeadLetterNotFound, UnknownTaskError
 from .group import app_of, emit_json
 

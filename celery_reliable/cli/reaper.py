@@ -14,6 +14,7 @@ from typing import Any
 import click
 from celery.bin.base import CeleryCommand, CeleryOption
 
+from ..orphans.reaper import Reaper
 from .group import app_of, emit_json
 
 #: Log line format of the reaper process.
@@ -52,8 +53,6 @@ def reliable_reaper(
     app = app_of(ctx)
     app.loader.import_default_modules()
     logging.basicConfig(level=loglevel.upper(), format=LOG_FORMAT)
-    from ..reaper import Reaper
-
     reaper = Reaper(app)
     try:
         if once:

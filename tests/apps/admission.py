@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery
 
 from celery_reliable import ReliableTask
-from celery_reliable.admission import SLOT_HEADER
+from celery_reliable.admission.extension import SLOT_HEADER
 from tests.apps.common import install, make_app, record, recorder
 
 #: Rate and burst of the shared bucket (the acceptance numbers of issue 5).

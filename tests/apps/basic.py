@@ -138,7 +138,7 @@ app = install(build(make_app("basic"))) if "CR_BROKER_URL" in os.environ else No
 # process records that the dead letter was written and then sleeps before returning (so
 # before the main process acks), giving the test a window to kill -9 the worker.
 if app is not None and os.environ.get("CR_PAUSE_AFTER_DLQ"):
-    from celery_reliable.deadletter import DeadLetterStore
+    from celery_reliable.deadletters.store import DeadLetterStore
 
     _original_add = DeadLetterStore.add
 

@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery
 
 from celery_reliable import ReliableTask
-from celery_reliable.ordering import HEADER
+from celery_reliable.ordering.extension import HEADER
 from tests.apps.common import install, make_app, record, recorder
 
 

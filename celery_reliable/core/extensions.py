@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from celery.exceptions import Ignore
 
 if TYPE_CHECKING:
-    from .task import ReliableTask
+    from celery import Task as ReliableTask  # any Task; ReliableTask in practice
 
 #: How a run ended: the body returned, asked to retry, failed for good (dead-lettered
 #: when the task allows it), was ignored/rejected by the body itself (or cut short by

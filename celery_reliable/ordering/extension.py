@@ -9,13 +9,13 @@ How it works (details, costs and failure modes in docs/ordering.md):
   caller and nothing is sent. A retry or re-publish of the same task id keeps its place.
 - **Start** (pool child, one round trip): ``ord_start.lua`` either grants the key (a
   fencing token and a lease) or parks the task's signature in Redis atomically with the
-  check; the message is then acknowledged (:class:`~celery_reliable.extensions.Deferred`)
+  check; the message is then acknowledged (:class:`~celery_reliable.core.extensions.Deferred`)
   and no pool slot, sleep or poll is spent waiting.
 - **End** (pool child, one round trip): ``ord_end.lua`` advances the key (or keeps the turn
   for a retry) and returns the parked task whose turn it now is; this process re-publishes
   it at once. The lease is renewed by a thread while a long task runs (fenced).
 - **Revoked/expired** tasks never reach the body; the worker's ``task_revoked`` signal
-  cancels their place (:mod:`celery_reliable.ordering_sweep`), and a periodic sweep in each
+  cancels their place (:mod:`celery_reliable.ordering.sweep`), and a periodic sweep in each
   worker redoes lost hand-offs and skips sequence numbers that never arrived.
 
 Examples:
@@ -46,11 +46,11 @@ from celery.utils.time import maybe_iso8601
 from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
 
-from .errors import ConfigurationError
-from .extensions import ORDER_ORDERING, Deferred, Outcome
-from .install import add_extension, feature, settings_of
-from .status import register
-from .store import RedisStore, store_for
+from ..core.extensions import ORDER_ORDERING, Deferred, Outcome
+from ..core.state import settings_of
+from ..core.store import RedisStore, store_for
+from ..errors import ConfigurationError
+from .scripts import ORD_END, ORD_PUBLISH, ORD_RENEW, ORD_START
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ def assign_sequence(
         return options
     store = store_for(app)
     delay_ms = int(due_in(options) * 1000)
-    seq = store.run("ord_publish", key_names(store, spec.group, key)[:1], [STATE_TTL_MS, delay_ms])
+    seq = store.run(ORD_PUBLISH, key_names(store, spec.group, key)[:1], [STATE_TTL_MS, delay_ms])
     headers[HEADER] = Place(spec.group, key, int(seq), task_id).header()
     return {**options, "task_id": task_id, "headers": headers}
 
@@ -342,7 +342,7 @@ class LeaseKeeper:
                 due = [h for h in self._held.values() if now - h[2] >= interval]
             for state_key, token, _ in due:
                 try:
-                    if not store.run("ord_renew", [state_key], [token, lease_ms]):
+                    if not store.run(ORD_RENEW, [state_key], [token, lease_ms]):
                         logger.error(
                             "ordering: lease of %s was taken over (token %s); this run "
                             "will not advance the key",
@@ -391,7 +391,7 @@ class OrderingExtension:
         member = json.dumps([place.group, place.key])
         try:
             with store.client.pipeline(transaction=False) as pipe:
-                store.script("ord_start")(
+                store.script(ORD_START)(
                     keys=keys,
                     args=[
                         place.seq,
@@ -441,7 +441,7 @@ class OrderingExtension:
         gap = settings_of(self.app).ordering_gap_timeout
         store = store_for(self.app)
         reply = store.run(
-            "ord_end",
+            ORD_END,
             held.keys,
             [
                 held.place.seq,
@@ -478,17 +478,11 @@ class OrderingExtension:
     def _skipped_arrival(self, task: Any, place: Place) -> None:
         """A task arrived after its place was skipped (gap timeout): dead-letter it, so it
         is neither lost nor run out of order."""
-        from .deadletter import DeadLetterStore
-
         exc = RuntimeError(
             f"arrived after reliable_ordering_gap_timeout skipped its place "
             f"({place.group!r}, {place.key!r}, #{place.seq})"
         )
-        entry = task.dead_letter_entry(exc, "ordering_skipped", None)
-        try:
-            DeadLetterStore(self.app).add(entry)
-        except redis.RedisError as store_exc:
-            raise Reject(store_exc, requeue=True) from exc
+        task.record_dead_letter(task.dead_letter_entry(exc, "ordering_skipped", None), exc)
         logger.error("ordering: %s[%s] %s; dead-lettered", task.name, task.request.id, exc)
         raise Ignore()
 
@@ -521,7 +515,6 @@ def _retry_delay(exc: BaseException | None) -> float:
 # --- status ---
 
 
-@register("ordering")
 def status(app: Any) -> dict[str, Any]:
     """Ordered keys known to the sweep, parked tasks, and counters of rare events."""
     store = store_for(app)
@@ -539,12 +532,3 @@ def status(app: Any) -> dict[str, Any]:
         "parked": sum(parked),
         **{f: int(stats.get(f, 0)) for f in STATS_FIELDS},
     }
-
-
-@feature
-def _install(app: Any) -> None:
-    from .ordering_sweep import install_worker_side
-
-    wrap_send_task(app)
-    add_extension(app, OrderingExtension(app))
-    install_worker_side(app)

@@ -44,7 +44,7 @@ from celery import signals as celery_signals
 from celery.platforms import EX_OK
 from celery.worker import state
 
-from .install import feature, settings_of
+from ..core.state import settings_of
 
 logger = logging.getLogger(__name__)
 
@@ -503,8 +503,7 @@ class DrainLoopStep(bootsteps.StartStopStep):  # type: ignore[misc]
             drainer.loop_live = False
 
 
-@feature
-def install_drain(app: Any) -> None:
+def install(app: Any) -> None:
     """Add :class:`DrainStep` to ``app``'s worker blueprint."""
     app.steps["worker"].add(DrainStep)
     app.steps["consumer"].add(DrainLoopStep)

@@ -6,7 +6,7 @@ start from a bucket in Redis shared by every worker process. The bucket is a GCR
 theoretical arrival time ``tat``; a start is allowed when ``tat - burst * interval <= now``.
 A task that finds no token *reserves* the next free slot and is deferred until that slot,
 so deferred tasks come back in the order they asked, one interval apart (see
-docs/rate-limits.md). The decision itself is made by ``lua/admit.lua`` together with the
+docs/rate-limits.md). The decision itself is made by ``admit.lua`` together with the
 circuit breaker (:mod:`celery_reliable.admission`).
 
 Examples:
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 #: Seconds in each rate unit accepted by ``global_rate_limit``.
 RATE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}

@@ -10,7 +10,7 @@ redoes lost hand-offs and skips sequence numbers that never arrived.
   re-publish, and a duplicate message would be dropped at start anyway.
 
 Examples:
-    >>> from celery_reliable.ordering_sweep import sweep_once
+    >>> from celery_reliable.ordering.sweep import sweep_once
     >>> sweep_once(app)
     SweepReport(keys=20, republished=0, skipped=0, idle=3)
 """
@@ -27,8 +27,19 @@ import redis
 from celery import bootsteps
 from celery.signals import task_revoked
 
-from .install import settings_of
-from .store import store_for
+from ..core.state import settings_of
+from ..core.store import store_for
+from .extension import (
+    HEADER,
+    STATE_TTL_MS,
+    Place,
+    count,
+    index_key,
+    key_names,
+    republish,
+    validate_tasks,
+)
+from .scripts import ORD_CANCEL, ORD_SWEEP, ORD_UNINDEX
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +72,6 @@ def sweep_once(
       handoff_timeout: seconds a handed-off task may take to start before it is
         re-published (default the smaller of :data:`HANDOFF_TIMEOUT` and the gap timeout).
     """
-    from .ordering import count, index_key, key_names, republish
-
     settings = settings_of(app)
     gap = settings.ordering_gap_timeout if gap_timeout is None else gap_timeout
     handoff = min(HANDOFF_TIMEOUT, gap) if handoff_timeout is None else handoff_timeout
@@ -74,7 +83,7 @@ def sweep_once(
     )
     if not members:
         return SweepReport(0, 0, 0, 0)
-    script = store.script("ord_sweep")
+    script = store.script(ORD_SWEEP)
     with client.pipeline(transaction=False) as pipe:
         for member, _ in members:
             group, key = json.loads(member)
@@ -88,7 +97,7 @@ def sweep_once(
     for (member, score), reply in zip(members, replies, strict=True):
         verdict = reply[0]
         if verdict == "idle":
-            idle += store.run("ord_unindex", [index], [member, str(int(score))])
+            idle += store.run(ORD_UNINDEX, [index], [member, str(int(score))])
         elif verdict == "republish":
             republish(app, reply[1])
             republished += 1
@@ -116,14 +125,12 @@ def sweep_once(
 
 def on_task_revoked(app: Any, request: Any, terminated: bool) -> None:
     """Give up the place of a revoked or expired task (runs in the worker MainProcess)."""
-    from .ordering import HEADER, STATE_TTL_MS, Place, count, key_names, republish
-
     place = Place.from_header((getattr(request, "headers", None) or {}).get(HEADER))
     if place is None:
         return
     store = store_for(app)
     reply = store.run(
-        "ord_cancel",
+        ORD_CANCEL,
         key_names(store, place.group, place.key),
         [place.seq, "1" if terminated else "0", STATE_TTL_MS],
     )
@@ -141,8 +148,6 @@ class SweepStep(bootsteps.StartStopStep):  # type: ignore[misc]
     label = "reliable-ordering-sweep"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        from .ordering import validate_tasks
-
         super().__init__(worker, **kwargs)
         validate_tasks(worker.app)
         self.app = worker.app

@@ -23,18 +23,17 @@ import json
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from celery.exceptions import Ignore, Reject
 
-from .extensions import ORDER_LEDGER, Outcome
-from .install import settings_of
+from ..core.extensions import ORDER_LEDGER, Outcome
+from ..core.state import settings_of
+from ..core.store import store_for
+from ..task import ReliableTask
 from .registry import RegistryKeys, current_worker_id
-from .store import store_for
-
-if TYPE_CHECKING:
-    from .task import ReliableTask
+from .scripts import LEDGER_END, LEDGER_START
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ class LedgerExtension:
         try:
             recoveries = int(
                 store.run(
-                    "ledger_start",
+                    LEDGER_START,
                     keys=[keys.ledger(worker_id), keys.workers, keys.recoveries(request.id)],
                     args=[worker_id, request.id, json.dumps(entry)],
                 )
@@ -142,7 +141,7 @@ class LedgerExtension:
         try:
             removed = int(
                 store.run(
-                    "ledger_end",
+                    LEDGER_END,
                     keys=[keys.ledger(worker_id), keys.recoveries(request.id), keys.stats],
                     args=[request.id, "1" if terminal else "0"],
                 )

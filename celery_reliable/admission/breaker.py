@@ -3,8 +3,8 @@
 Each ``breaker`` name has one :class:`pybreaker.CircuitBreaker` per process (its
 configuration, its ``exclude`` semantics and its listeners), whose storage is a read-only
 mirror of one Redis hash. Every transition is made atomically by a Lua script —
-``lua/admit.lua`` (open -> half-open, granting the single probe) and
-``lua/breaker_report.lua`` (failure counting, closed -> open, half-open -> closed/open) —
+``admit.lua`` (open -> half-open, granting the single probe) and
+``breaker_report.lua`` (failure counting, closed -> open, half-open -> closed/open) —
 and the mirror is refreshed from each script's reply, so pybreaker's listeners see the
 cluster's state changes. pybreaker's own ``CircuitRedisStorage`` is not used: its
 read-modify-write steps are separate commands that race across processes, and its
@@ -26,8 +26,8 @@ from typing import Any
 
 import pybreaker
 
-from . import metrics
-from .errors import ConfigurationError
+from ..core import instruments
+from ..errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class LoggingListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
         old = getattr(old_state, "name", None)
-        metrics.event("breaker", f"{cb.name}:{new_state.name}")
+        instruments.event("breaker", f"{cb.name}:{new_state.name}")
         logger.info(
             "celery_reliable: breaker %r seen %s -> %s (failures %d)",
             cb.name,
@@ -207,7 +207,7 @@ def observe(spec: BreakerSpec, state: str, fails: int, opened_at_us: int | None 
     assert isinstance(storage, SharedStateStorage)
     storage.update(state, fails, opened_at_us)
     cb.state  # noqa: B018 (pybreaker notices the change on read and notifies listeners)
-    metrics.breaker_state(spec.name, state)
+    instruments.breaker_state(spec.name, state)
 
 
 def outcome_kind(spec: BreakerSpec, exc: BaseException | None, kind: str) -> str:

@@ -3,7 +3,7 @@
 With ``reliable_embedded_reaper = True`` every worker's MainProcess runs a small thread
 that competes for a lease in Redis (``<prefix>:{reaper}:leader``, taken with SET NX PX and
 kept by renewing it every ``reliable_reaper_interval``). The holder runs
-:meth:`celery_reliable.reaper.Reaper.run_pass`; the others only try for the lease. The
+:meth:`celery_reliable.orphans.reaper.Reaper.run_pass`; the others only try for the lease. The
 lease lasts ``reliable_worker_timeout`` seconds, so when the leader dies another worker
 takes over about when the dead leader's own tasks become recoverable. Two leaders at once
 (a paused leader whose lease expired) are harmless: claiming a dead worker is atomic.
@@ -22,9 +22,11 @@ import logging
 import threading
 from typing import Any
 
-from .install import settings_of
+from ..core.state import settings_of
+from ..core.store import store_for
+from .reaper import Reaper
 from .registry import RegistryKeys
-from .store import store_for
+from .scripts import LEADER
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +56,9 @@ class EmbeddedReaper:
         self._thread.start()
 
     def _lease(self, milliseconds: int) -> bool:
-        return bool(self.store.run("leader", keys=[self.key], args=[self.worker_id, milliseconds]))
+        return bool(self.store.run(LEADER, keys=[self.key], args=[self.worker_id, milliseconds]))
 
     def _run(self) -> None:
-        from .reaper import Reaper
-
         reaper = Reaper(self.app)
         lease_ms = int(self.settings.worker_timeout * 1000)
         interval = self.settings.reaper_interval

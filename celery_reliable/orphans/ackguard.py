@@ -28,7 +28,8 @@ from typing import Any
 from celery import bootsteps
 from kombu.transport.virtual.base import QoS as VirtualQoS
 
-from .registry import broker_is_redis, current_heartbeat
+from ..core.broker import broker_is_redis
+from .registry import current_heartbeat
 
 logger = logging.getLogger(__name__)
 

@@ -2,11 +2,11 @@
 
 A worker bootstep gives the worker, before its pool forks, an id made of the host name, the
 MainProcess pid and a random part (``host:1234:9f2c01ab``; the same host restarting is a new
-worker). Pool processes inherit it, so the in-flight ledger (:mod:`celery_reliable.ledger`)
+worker). Pool processes inherit it, so the in-flight ledger (:mod:`celery_reliable.orphans.ledger`)
 files each task under its worker. A thread of the MainProcess heartbeats every
 ``reliable_heartbeat_interval`` seconds (independent of Celery's gossip and heartbeat
 events) and reports the broker delivery tags the worker holds (prefetched and running), so
-a reaper can give those back too when the worker dies (:mod:`celery_reliable.reaper`). A
+a reaper can give those back too when the worker dies (:mod:`celery_reliable.orphans.reaper`). A
 warm shutdown deregisters the worker after its pool has stopped; a cold one right away.
 
 Keys (one ``{reaper}`` hash tag, so every script also runs on Redis Cluster)::
@@ -39,11 +39,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from celery import bootsteps, signals
 
-from .install import add_extension, feature, settings_of
-from .status import register
-from .store import RedisStore, store_for
+from ..core.state import settings_of
+from ..core.store import RedisStore, store_for
+from .scripts import DEREGISTER, HEARTBEAT
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +52,6 @@ REAPED_MARKER_TTL = 24 * 3600
 RECOVERY_COUNT_TTL = 7 * 24 * 3600
 #: Attempts at copying the reserved-requests set while the event loop mutates it.
 SNAPSHOT_ATTEMPTS = 5
-#: URL schemes of kombu's Redis transport (the reaper restores messages itself there).
-REDIS_BROKER_SCHEMES = ("redis", "rediss", "sentinel", "socket", "redis+socket")
 
 _current_worker_id: str | None = None
 _current_heartbeat: Heartbeat | None = None
@@ -76,12 +73,11 @@ def current_heartbeat() -> Heartbeat | None:
     return _current_heartbeat
 
 
-def broker_is_redis(app: Any) -> bool:
-    """True when ``app``'s broker is kombu's Redis transport."""
-    url = app.conf.broker_url or ""
-    if not isinstance(url, str):
-        return False
-    return url.split(";")[0].split("://")[0].lower() in REDIS_BROKER_SCHEMES
+def set_current(worker_id: str, heartbeat: Heartbeat | None) -> None:
+    """Record this worker's id (inherited by pool processes) and heartbeat."""
+    global _current_worker_id, _current_heartbeat
+    _current_worker_id = worker_id
+    _current_heartbeat = heartbeat
 
 
 @dataclass(frozen=True)
@@ -170,7 +166,7 @@ class WorkerRegistry:
         k = self.keys
         replace = "1" if held_tags is not None else "0"
         reply = self.store.run(
-            "heartbeat",
+            HEARTBEAT,
             keys=[k.workers, k.info, k.held(self.worker_id), k.reaped(self.worker_id)],
             args=[self.worker_id, self.info_json(), repr(time.time()), replace, *(held_tags or [])],
         )
@@ -182,7 +178,7 @@ class WorkerRegistry:
         wid = self.worker_id
         return int(
             self.store.run(
-                "deregister",
+                DEREGISTER,
                 keys=[k.workers, k.info, k.ledger(wid), k.held(wid)],
                 args=[wid],
             )
@@ -385,51 +381,6 @@ class Heartbeat:
         self.shutdown()
 
 
-class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Worker step: unique worker id (before the pool forks), heartbeat, deregistration.
-
-    A warm shutdown deregisters on ``worker_shutdown``, sent after the pool has finished
-    its running tasks, so a worker that is still draining keeps its registration (and is
-    recovered if it is killed meanwhile).
-    """
-
-    label = "reliable-registry"
-
-    def __init__(self, w: Any, **kwargs: Any) -> None:
-        global _current_worker_id
-        super().__init__(w, **kwargs)
-        _current_worker_id = new_worker_id()
-        self.worker_id = _current_worker_id
-        self.heart: Heartbeat | None = None
-
-    def create(self, w: Any) -> Heartbeat:
-        global _current_heartbeat
-        settings = settings_of(w.app)
-        registry = WorkerRegistry(w.app, self.worker_id, w.hostname)
-        companions: list[Any] = []
-        if settings.embedded_reaper:
-            from .embedded import EmbeddedReaper
-
-            companions.append(EmbeddedReaper(w.app, self.worker_id))
-        self.heart = Heartbeat(
-            registry,
-            settings.heartbeat_interval,
-            settings.worker_timeout,
-            broker_is_redis(w.app),
-            companions,
-        )
-        heart = self.heart
-        _current_heartbeat = heart
-
-        def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
-            if sender is w:
-                heart.shutdown()
-
-        signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
-        logger.info("celery_reliable: worker id %s (%s)", self.worker_id, w.hostname)
-        return heart
-
-
 def live_workers(app: Any) -> list[dict[str, Any]]:
     """Registered workers, oldest heartbeat first: node, id, heartbeat age, in-flight."""
     store = store_for(app)
@@ -470,23 +421,3 @@ def reaper_stats(app: Any) -> dict[str, int]:
     store = store_for(app)
     raw: dict[str, str] = store.client.hgetall(RegistryKeys(store).stats)  # type: ignore[assignment]
     return {name: int(value) for name, value in sorted(raw.items())}
-
-
-@register("workers")
-def _workers_section(app: Any) -> list[dict[str, Any]]:
-    return live_workers(app)
-
-
-@register("orphans")
-def _orphans_section(app: Any) -> dict[str, int]:
-    return reaper_stats(app)
-
-
-@feature
-def _install(app: Any) -> None:
-    from .ledger import LedgerExtension
-    from .zombie import AckGuardStep
-
-    app.steps["worker"].add(RegistryStep)
-    app.steps["consumer"].add(AckGuardStep)
-    add_extension(app, LedgerExtension(app))

@@ -2,9 +2,9 @@
 
 Every module talks to Redis through :class:`RedisStore`. It builds the client from
 ``reliable_redis_url`` (``redis://``, ``rediss://`` with TLS, passwords in the URL), names
-keys under ``reliable_key_prefix`` and loads the Lua scripts that live as ``.lua`` files in
-``celery_reliable/lua/``. Scripts run through EVALSHA and are re-loaded transparently when
-Redis answers NOSCRIPT (after a restart or ``SCRIPT FLUSH``).
+keys under ``reliable_key_prefix`` and loads the Lua scripts that live as ``.lua`` files
+beside the module that uses them (:class:`Lua`). Scripts run through EVALSHA and are
+re-loaded transparently when Redis answers NOSCRIPT (after a restart or ``SCRIPT FLUSH``).
 
 Keys that one script touches together share a ``{hash tag}`` so scripts also run on Redis
 Cluster: ``<prefix>:{dlq}:index``, ``<prefix>:{dlq}:entries``...
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from typing import Any
@@ -24,7 +25,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from .config import Settings
+from ..core.config import Settings
+from .state import settings_of
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +41,6 @@ RETRY_BACKOFF_BASE = 0.05
 RETRY_BACKOFF_CAP = 1.0
 #: Seconds between PINGs on an idle pooled connection (detects a restarted server).
 HEALTH_CHECK_INTERVAL = 10
-
-_LUA_PACKAGE = "celery_reliable.lua"
 
 
 def make_client(url: str) -> redis.Redis:
@@ -59,9 +59,26 @@ def make_client(url: str) -> redis.Redis:
     )
 
 
-def load_lua(name: str) -> str:
-    """Source of ``celery_reliable/lua/<name>.lua``."""
-    return resources.files(_LUA_PACKAGE).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+@dataclass(frozen=True)
+class Lua:
+    """A Lua script that lives as ``<name>.lua`` beside the module that uses it.
+
+    Parameters:
+      package: the package holding the file (pass ``__package__``).
+      name: the file name without ``.lua``.
+
+    Examples:
+        >>> DLQ_ADD = Lua(__package__, "dlq_add")
+        >>> store.run(DLQ_ADD, keys=[...], args=[...])
+    """
+
+    package: str
+    name: str
+
+    def source(self) -> str:
+        """The script's text."""
+        path = resources.files(self.package).joinpath(f"{self.name}.lua")
+        return path.read_text(encoding="utf-8")
 
 
 class RedisStore:
@@ -75,14 +92,14 @@ class RedisStore:
         >>> store = RedisStore(Settings(redis_url="redis://localhost:6379/1"))
         >>> store.key("{dlq}", "index")
         'reliable:{dlq}:index'
-        >>> store.script("dlq_add")(keys=[...], args=[...])
+        >>> store.run(DLQ_ADD, keys=[...], args=[...])
     """
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.prefix = settings.key_prefix
         self._client = client
-        self._scripts: dict[str, Script] = {}
+        self._scripts: dict[Lua, Script] = {}
         self._lock = threading.Lock()
 
     @cached_property
@@ -94,31 +111,24 @@ class RedisStore:
         """``<prefix>:<part>:<part>...``; put ``{tag}`` parts where scripts need a slot."""
         return ":".join((self.prefix, *parts))
 
-    def script(self, name: str) -> Script:
-        """The Lua script ``lua/<name>.lua``, registered once per store.
+    def script(self, lua: Lua) -> Script:
+        """The Lua script ``lua``, registered once per store.
 
         Calling the returned object runs EVALSHA and falls back to SCRIPT LOAD on
         NOSCRIPT, so a Redis restart or ``SCRIPT FLUSH`` is survived.
         """
-        script = self._scripts.get(name)
+        script = self._scripts.get(lua)
         if script is None:
             with self._lock:
-                script = self._scripts.get(name)
+                script = self._scripts.get(lua)
                 if script is None:
-                    script = self.client.register_script(load_lua(name))
-                    self._scripts[name] = script
+                    script = self.client.register_script(lua.source())
+                    self._scripts[lua] = script
         return script
 
-    def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run script ``name`` with ``keys`` and ``args``; return its reply."""
-        return self.script(name)(keys=keys, args=args)
-
-    def ping(self) -> bool:
-        """True when Redis answers."""
-        try:
-            return bool(self.client.ping())
-        except redis.RedisError:
-            return False
+    def run(self, lua: Lua, keys: list[str], args: list[Any]) -> Any:
+        """Run script ``lua`` with ``keys`` and ``args``; return its reply."""
+        return self.script(lua)(keys=keys, args=args)
 
 
 _stores: dict[tuple[int, int], RedisStore] = {}
@@ -127,8 +137,6 @@ _stores_lock = threading.Lock()
 
 def store_for(app: Any) -> RedisStore:
     """The store of ``app`` in this process (one per app and pid)."""
-    from .install import settings_of
-
     key = (id(app), os.getpid())
     store = _stores.get(key)
     if store is None:

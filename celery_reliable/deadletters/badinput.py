@@ -33,8 +33,8 @@ from typing import Any
 
 from celery import bootsteps
 
-from .deadletter import DeadLetter, DeadLetterStore, now
-from .task import exception_name
+from .record import DeadLetter, exception_name, now
+from .store import DeadLetterStore
 
 logger = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 
 One :class:`AdmissionExtension` (``ORDER_ADMISSION``) runs in the pool process before the
 body of every ReliableTask that sets ``global_rate_limit`` or ``breaker``. It makes ONE
-Redis round trip (``lua/admit.lua``, which decides breaker and bucket together) and either
+Redis round trip (``admit.lua``, which decides breaker and bucket together) and either
 lets the task run or defers it: the task is re-published with a countdown equal to the
 wait the script computed (its reserved token slot, or the end of the breaker's reset
-timeout) and :class:`~celery_reliable.extensions.Deferred` is raised, so the message is
+timeout) and :class:`~celery_reliable.core.extensions.Deferred` is raised, so the message is
 acknowledged, no retry is counted and no pool slot is held while it waits (the worker
 holds the ETA message in its timer, outside the prefetch limit). Tasks using neither
 feature pay nothing. See docs/rate-limits.md and docs/circuit-breakers.md.
@@ -17,31 +17,24 @@ Examples:
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from celery import bootsteps
 from celery.exceptions import Reject
 
-from .breaker import (
-    HALF_OPEN_RECHECK_SECONDS,
-    BreakerSpec,
-    observe,
-    outcome_kind,
-)
-from .extensions import ORDER_ADMISSION, Deferred, Outcome
-from .install import add_extension, feature, settings_of
+from ..core.extensions import ORDER_ADMISSION, Deferred, Outcome
+from ..core.state import add_extension, settings_of
+from ..core.store import RedisStore, store_for
+from ..task import ReliableTask
+from .breaker import HALF_OPEN_RECHECK_SECONDS, BreakerSpec, observe, outcome_kind
 from .ratelimit import MAX_RESERVATION_SECONDS, SHORT_WAIT_SECONDS, BucketSpec
-from .status import register
-from .store import RedisStore, store_for
-
-if TYPE_CHECKING:
-    from .task import ReliableTask
+from .scripts import ADMIT, BREAKER_REPORT
+from .timers import TimerPaceStep
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +129,7 @@ class AdmissionExtension:
         request = task.request
         headers = request.headers or {}
         keys: list[str] = [copy_key(store, request.id)]
-        # ARGV of lua/admit.lua by position (see its header); filled in per feature below
+        # ARGV of admit.lua by position (see its header); filled in per feature below
         argv: list[Any] = ["0", 0, 0, 0, "0", 0, 0, request.id, 0, 0, "", 0]
         argv[10] = headers.get(COPY_HEADER, "")
         if spec.bucket is not None:
@@ -154,7 +147,7 @@ class AdmissionExtension:
             ]
             argv[9] = int(HALF_OPEN_RECHECK_SECONDS * _US)
         try:
-            verdict, wait_us, slot_us, state, probe, fails, trans = store.run("admit", keys, argv)
+            verdict, wait_us, slot_us, state, probe, fails, trans = store.run(ADMIT, keys, argv)
         except redis.RedisError as exc:
             self._redis_unreachable(task, exc)
             return
@@ -193,7 +186,7 @@ class AdmissionExtension:
         store = store_for(self.app)
         try:
             state, fails, opened_at, trans = store.run(
-                "breaker_report",
+                BREAKER_REPORT,
                 [breaker_key(store, spec.name)],
                 [kind, task.request.id, spec.fail_max],
             )
@@ -295,8 +288,6 @@ def validate_tasks(app: Any) -> None:
     Raises:
         ConfigurationError: naming the invalid option and the task.
     """
-    from .task import ReliableTask
-
     for task in list(app.tasks.values()):
         if isinstance(task, ReliableTask):
             admission_of(task)
@@ -313,42 +304,7 @@ class AdmissionCheckStep(bootsteps.Step):  # type: ignore[misc]
         validate_tasks(worker.app)
 
 
-class TimerPaceStep(bootsteps.Step):  # type: ignore[misc]
-    """Worker step: the event loop fires due timers without pausing for a second.
-
-    Deferred tasks come back as ETA messages, released by the worker's event-loop timer.
-    kombu's ``Hub.fire_timers`` runs at most 10 due entries per loop pass and, when it ran
-    10, returns ``min_delay`` (1 s) as the next poll timeout although more are due; after
-    any stall that lets 10 ETA copies fall due together, the worker then releases 10 per
-    second (the same pause under-runs Celery's own ``rate_limit``). With ``min_delay=0`` the
-    loop polls without blocking and fires the next batch at once; a non-empty schedule
-    whose first entry is not due still sleeps exactly until it is.
-    """
-
-    label = "reliable-timer-pace"
-    requires = ("celery.worker.components:Hub",)
-
-    def create(self, worker: Any) -> None:
-        hub = getattr(worker, "hub", None)
-        if hub is not None and not isinstance(hub.fire_timers, functools.partial):
-            hub.fire_timers = functools.partial(_fire_timers_paced, hub)
-
-
-#: kombu's own poll timeout when no timer is scheduled at all.
-IDLE_POLL_DELAY = 1.0
-
-
-def _fire_timers_paced(hub: Any, **kwargs: Any) -> float:
-    """``Hub.fire_timers`` with ``min_delay=0`` while entries are scheduled; with an empty
-    schedule it returns kombu's idle delay, so an idle loop blocks instead of spinning."""
-    delay = type(hub).fire_timers(hub, min_delay=0, **kwargs)
-    if not delay and not (hub.timer and hub.timer._queue):
-        return IDLE_POLL_DELAY
-    return float(delay)
-
-
-@feature
-def install_admission(app: Any) -> None:
+def install(app: Any) -> None:
     """Register the admission extension and the worker step that validates task options.
 
     Producers validate too, when the app finalizes (Celery logs a failure there instead of
@@ -377,8 +333,7 @@ def _scan_hashes(app: Any, kind: str) -> dict[str, tuple[dict[str, Any], int]]:
     return out
 
 
-@register("breakers")
-def _breakers_status(app: Any) -> dict[str, dict[str, Any]]:
+def breakers_status(app: Any) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, (h, now) in sorted(_scan_hashes(app, "breaker").items()):
         opened = int(h.get("opened_at") or 0)
@@ -394,8 +349,7 @@ def _breakers_status(app: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-@register("buckets")
-def _buckets_status(app: Any) -> dict[str, dict[str, Any]]:
+def buckets_status(app: Any) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, (h, now) in sorted(_scan_hashes(app, "bucket").items()):
         interval, burst = int(h.get("interval") or 1), int(h.get("burst") or 1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 #: Coordination store used when the broker is not Redis and no URL is configured.
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"

@@ -35,18 +35,21 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from kombu.utils.encoding import bytes_to_str
 
-from . import metrics
-from .deadletter import DeadLetter, DeadLetterStore, now
-from .install import settings_of
-from .registry import REAPED_MARKER_TTL, RECOVERY_COUNT_TTL, RegistryKeys, broker_is_redis
-from .store import store_for
+from ..core import instruments
+from ..core.broker import broker_is_redis
+from ..core.state import settings_of
+from ..core.store import store_for
+from ..deadletters.record import DeadLetter, now
+from ..deadletters.store import DeadLetterStore
+from ..task import ReliableTask
+from .registry import REAPED_MARKER_TTL, RECOVERY_COUNT_TTL, RegistryKeys
+from .scripts import REAPER_CLAIM, REAPER_RECLAIM
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +59,6 @@ CLAIM_BATCH = 100
 CLAIM_LEASE = 60.0
 #: Most unacknowledged messages one pass examines for the unclaimed-message sweep.
 SWEEP_BATCH = 1000
-
-#: Functions ``(app, worker_id) -> None`` run after a dead worker was recovered, for
-#: features that keep per-worker state (held keys, probe tokens) to release it.
-reap_hooks: list[Callable[[Any, str], None]] = []
 
 
 @dataclass(frozen=True)
@@ -211,7 +210,7 @@ def orphaned_dead_letter(
         kwargs=kwargs,
         queue=routing_key,
         reason="orphaned",
-        exception="celery_reliable.ledger.RecoveredTooOften",
+        exception="celery_reliable.orphans.ledger.RecoveredTooOften",
         error=(
             f"task {task_id} was orphaned {recoveries} times "
             f"(reliable_max_recoveries={limit}): its worker died each time it ran"
@@ -262,14 +261,14 @@ class Reaper:
         for wid in client.zrangebyscore(
             k.claims, "-inf", clock - CLAIM_LEASE, start=0, num=CLAIM_BATCH
         ):
-            if self.store.run("reaper_reclaim", keys=[k.claims], args=[wid, CLAIM_LEASE]):
+            if self.store.run(REAPER_RECLAIM, keys=[k.claims], args=[wid, CLAIM_LEASE]):
                 logger.warning("reaper: taking over the unfinished recovery of worker %s", wid)
                 self._pending.setdefault(wid, None)
         for wid in client.zrangebyscore(
             k.workers, "-inf", clock - self.settings.worker_timeout, start=0, num=CLAIM_BATCH
         ):
             claimed = self.store.run(
-                "reaper_claim",
+                REAPER_CLAIM,
                 keys=[
                     k.workers,
                     k.info,
@@ -299,13 +298,13 @@ class Reaper:
         for wid, node in list(self._pending.items()):
             recovered = self._recover_worker(wid, node)
             for recovery in recovered:
-                metrics.event("reaper", recovery.action)
+                instruments.event("reaper", recovery.action)
             result.recoveries.extend(recovered)
             del self._pending[wid]
         if self.restorer is not None:
             swept = self._sweep_unclaimed(clock)
             for recovery in swept:
-                metrics.event("reaper", recovery.action)
+                instruments.event("reaper", recovery.action)
             result.recoveries.extend(swept)
         return result
 
@@ -347,8 +346,6 @@ class Reaper:
         received again in the meantime).
         """
         assert self.restorer is not None
-        from .task import ReliableTask
-
         channel = self.restorer.channel
         qos = channel.qos
         cutoff = clock - self.settings.worker_timeout
@@ -422,11 +419,6 @@ class Reaper:
                         "reaper: gave back prefetched message %s of dead worker %s", tag, wid
                     )
                 done.append(Recovery(wid, node, None, None, tag, action))
-        for hook in reap_hooks:
-            try:
-                hook(self.app, wid)
-            except Exception:
-                logger.exception("reaper: hook %r failed for worker %s", hook, wid)
         pipe = client.pipeline(transaction=True)
         pipe.delete(k.claimed_ledger(wid), k.claimed_held(wid))
         pipe.zrem(k.claims, wid)
@@ -465,7 +457,7 @@ class Reaper:
             return Recovery(wid, node, task_id, name, tag, "gone")
         count = int(client.get(count_key) or 0) + 1
         started = float(entry.get("t") or 0) or None
-        if count >= limit:  # orphaned reliable_max_recoveries times (DESIGN.md)
+        if count >= limit:  # orphaned reliable_max_recoveries times (reliable_max_recoveries)
             return self._dead_letter(wid, node, task_id, name, str(tag), started, count)
         action = self.restorer.restore(str(tag), started)
         if action == "restored":

@@ -1,22 +1,10 @@
-"""Prometheus metrics, aggregated across a prefork worker's processes.
+"""Serves the worker's Prometheus metrics, aggregated across its prefork processes.
 
 Turned on by ``reliable_metrics_port``: the worker's main process then serves
 ``http://<host>:<port>/metrics`` with the sum over itself and every pool process, using
 prometheus-client's multiprocess mode. The mode is chosen when prometheus_client is first
-imported, so the worker step below sets ``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory per
+imported, so :class:`MetricsStep` sets ``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory per
 worker instance, unless you set one) before anything imports it, and before the pool forks.
-
-Every feature records through the functions here; they are no-ops when metrics are off, so
-tasks of a worker without a metrics port pay nothing.
-
-Metric names (all prefixed ``celery_reliable_``):
-
-- ``tasks_total{task,outcome}``: ReliableTask runs by outcome (succeeded, failed, retry,
-  ignored, deferred).
-- ``dead_letters_total{task,reason}``: dead letters written by this worker.
-- ``events_total{feature,event}``: feature events (recoveries, breaker transitions, gap
-  skips, drains...).
-- ``breaker_state{breaker}``: 0 closed, 1 half-open, 2 open (last value seen by any process).
 
 Examples:
     >>> app.conf.reliable_metrics_port = 9808
@@ -31,90 +19,20 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 from typing import Any
 
 from celery import bootsteps
 
-from .extensions import ORDER_METRICS, Outcome
-from .install import feature, settings_of
+from ..core import instruments
+from ..core.extensions import ORDER_METRICS, Outcome
+from ..core.state import add_extension, settings_of
 
 logger = logging.getLogger(__name__)
 
-#: Prefix of every metric name.
-NAMESPACE = "celery_reliable"
 #: Environment variable that puts prometheus_client in multiprocess mode.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: Seconds between sweeps that drop the live gauges of pool processes that died.
 DEAD_PROCESS_SWEEP_INTERVAL = 30.0
-#: ``breaker_state`` values.
-BREAKER_STATE_VALUES = {"closed": 0, "half-open": 1, "open": 2}
-
-_enabled = False
-_metrics: dict[str, Any] = {}
-_metrics_lock = threading.Lock()
-
-
-def enabled() -> bool:
-    """True in a worker (and its pool processes) that serves metrics."""
-    return _enabled
-
-
-#: name -> (kind, help text, label names) of every metric; created on first use.
-_DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "tasks": ("counter", "ReliableTask runs by outcome", ("task", "outcome")),
-    "dead_letters": ("counter", "Dead letters written", ("task", "reason")),
-    "events": ("counter", "Reliability feature events", ("feature", "event")),
-    "breaker_state": (
-        "gauge",
-        "Circuit breaker state: 0 closed, 1 half-open, 2 open",
-        ("breaker",),
-    ),
-}
-
-
-def _metric(name: str) -> Any:
-    metric = _metrics.get(name)
-    if metric is not None:
-        return metric
-    with _metrics_lock:
-        if name not in _metrics:
-            from prometheus_client import Counter, Gauge
-
-            kind, text, labels = _DEFINITIONS[name]
-            if kind == "gauge":
-                _metrics[name] = Gauge(
-                    name, text, labels, namespace=NAMESPACE, multiprocess_mode="mostrecent"
-                )
-            else:
-                _metrics[name] = Counter(name, text, labels, namespace=NAMESPACE)
-        return _metrics[name]
-
-
-def task_outcome(task: str, outcome: str) -> None:
-    """Count one ReliableTask run ending with ``outcome``."""
-    if _enabled:
-        _metric("tasks").labels(task=task, outcome=outcome).inc()
-
-
-def dead_lettered(task: str | None, reason: str) -> None:
-    """Count one dead letter written."""
-    if _enabled:
-        _metric("dead_letters").labels(task=task or "", reason=reason).inc()
-
-
-def event(feature: str, name: str, amount: float = 1) -> None:
-    """Count a feature event (``event("reaper", "recovered")``)."""
-    if _enabled:
-        _metric("events").labels(feature=feature, event=name).inc(amount)
-
-
-def breaker_state(breaker: str, state: str) -> None:
-    """Record the state of a circuit breaker (closed, half-open, open)."""
-    if _enabled:
-        value = BREAKER_STATE_VALUES.get(state)
-        if value is not None:
-            _metric("breaker_state").labels(breaker=breaker).set(value)
 
 
 class MetricsExtension:
@@ -124,13 +42,13 @@ class MetricsExtension:
     order = ORDER_METRICS
 
     def applies(self, task: Any) -> bool:
-        return _enabled
+        return instruments.enabled()
 
     def before_start(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         return None
 
     def after_return(self, task: Any, outcome: Outcome) -> None:
-        task_outcome(task.name, outcome.kind)
+        instruments.task_outcome(task.name, outcome.kind)
 
 
 def _dead_pids(path: str) -> set[int]:
@@ -158,7 +76,6 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        global _enabled
         self.port = settings_of(worker.app).metrics_port
         self.owned_dir: str | None = None
         self.server: Any = None
@@ -174,7 +91,7 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 )
             self.owned_dir = tempfile.mkdtemp(prefix="celery-reliable-metrics-")
             os.environ[MULTIPROC_ENV] = self.owned_dir
-        _enabled = True
+        instruments.enable()
 
     def include_if(self, worker: Any) -> bool:
         return self.port is not None
@@ -212,9 +129,7 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
             shutil.rmtree(self.owned_dir, ignore_errors=True)
 
 
-@feature
-def install_metrics(app: Any) -> None:
-    from .install import add_extension
-
+def install(app: Any) -> None:
+    """Add the metrics step and the per-task outcome counter to ``app``."""
     app.steps["worker"].add(MetricsStep)
     add_extension(app, MetricsExtension())

@@ -10,7 +10,7 @@ Keys (one ``{dlq}`` hash tag, so every script runs on Redis Cluster too):
 ``<prefix>:{dlq}:tasks`` (HASH id -> task name), ``<prefix>:{dlq}:stats`` (HASH counters).
 
 Examples:
-    >>> dlq = DeadLetterStore.for_app(app)
+    >>> dlq = DeadLetterStore(app)
     >>> [e.id for e in dlq.list(task="shop.charge", limit=10)]
     >>> dlq.replay(["4c1f..."])
 """
@@ -18,32 +18,23 @@ Examples:
 from __future__ import annotations
 
 import builtins
-import json
 import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
-from . import metrics
-from .errors import DeadLetterNotFound, UnknownTaskError
-from .store import RedisStore, store_for
+from ..core import instruments
+from ..core.store import RedisStore, store_for
+from ..errors import DeadLetterNotFound, UnknownTaskError
+from .record import DeadLetter
+from .scripts import DLQ_ADD, DLQ_REMOVE
 
 logger = logging.getLogger(__name__)
 
-#: Reasons a task is dead-lettered (DESIGN.md).
-REASONS = (
-    "max_retries",
-    "dead_letter_for",
-    "orphaned",
-    "unknown_task",
-    "malformed",
-    "payload_too_large",
-    "time_limit",
-)
 #: Header set on a replayed task: the id of the dead letter it came from.
 REPLAYED_FROM_HEADER = "x-reliable-replayed-from"
 #: Headers of ours that must not be copied into a replay (it is a new task).
@@ -65,62 +56,6 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     redis.TimeoutError,
     redis.exceptions.ReadOnlyError,
 )
-
-
-@dataclass
-class DeadLetter:
-    """One failed-for-good task, with everything needed to inspect and replay it.
-
-    Parameters:
-      id: the entry id (the task id; unique in the store).
-      task_id: the failed task's id.
-      task: the task name.
-      args, kwargs: the task's arguments.
-      queue: the queue it was consumed from (its routing key).
-      reason: one of :data:`REASONS`.
-      exception: the exception's type name (``module.Class``).
-      error: the exception's message.
-      traceback: the formatted traceback.
-      retries: how many times it had been retried.
-      hostname: the worker node that gave up on it.
-      failed_at: Unix seconds.
-      exchange, routing_key, priority: routing to replay it where it came from.
-      headers: the task's custom headers (replayed with it).
-      body: for ``malformed`` messages, whatever could be read of the raw body.
-      replayed_from: the dead-letter id this task was itself replayed from, if any.
-    """
-
-    id: str
-    task_id: str | None
-    task: str | None
-    args: list[Any] = field(default_factory=list)
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    queue: str | None = None
-    reason: str = "max_retries"
-    exception: str | None = None
-    error: str | None = None
-    traceback: str | None = None
-    retries: int = 0
-    hostname: str | None = None
-    failed_at: float = 0.0
-    exchange: str | None = None
-    routing_key: str | None = None
-    priority: int | None = None
-    headers: dict[str, Any] = field(default_factory=dict)
-    body: str | None = None
-    replayed_from: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), default=repr, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> DeadLetter:
-        data = json.loads(text)
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 @dataclass(frozen=True)
@@ -151,10 +86,6 @@ class DeadLetterStore:
         self.tasks_key = k("{dlq}", "tasks")
         self.stats_key = k("{dlq}", "stats")
 
-    @classmethod
-    def for_app(cls, app: Any) -> DeadLetterStore:
-        return cls(app)
-
     # --- writing ---
 
     def add(self, entry: DeadLetter) -> bool:
@@ -166,7 +97,7 @@ class DeadLetterStore:
             entry.traceback = "...\n" + entry.traceback[-MAX_TRACEBACK_CHARS:]
         added = self._add_script(entry.id, entry.to_json(), repr(entry.failed_at), entry.task)
         if added:
-            metrics.dead_lettered(entry.task, entry.reason)
+            instruments.dead_lettered(entry.task, entry.reason)
             logger.error(
                 "Dead-lettered %s[%s] (%s): %s: %s",
                 entry.task,
@@ -208,7 +139,7 @@ class DeadLetterStore:
 
     def _add_script(self, entry_id: str, data: str, failed_at: str, task: str | None) -> bool:
         added, expired, dropped = self.store.run(
-            "dlq_add",
+            DLQ_ADD,
             keys=[self.entries_key, self.index_key, self.tasks_key, self.stats_key],
             args=[
                 entry_id,
@@ -296,7 +227,7 @@ class DeadLetterStore:
     def _remove_batch(self, ids: builtins.list[str]) -> int:
         return int(
             self.store.run(
-                "dlq_remove", keys=[self.entries_key, self.index_key, self.tasks_key], args=ids
+                DLQ_REMOVE, keys=[self.entries_key, self.index_key, self.tasks_key], args=ids
             )
         )
 
@@ -370,8 +301,3 @@ class DeadLetterStore:
             options["priority"] = entry.priority
         self.app.send_task(entry.task, args=entry.args, kwargs=entry.kwargs, **options)
         logger.info("Replayed dead letter %s as %s[%s]", entry.id, entry.task, new_id)
-
-
-def now() -> float:
-    """Unix seconds (a seam for the clock, kept in one place)."""
-    return time.time()
