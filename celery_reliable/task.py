@@ -9,13 +9,16 @@ Examples:
 from __future__ import annotations
 
 import logging
+import time
 import traceback as tb_module
 from typing import Any, ClassVar
 
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
+from celery.utils.time import maybe_iso8601
 from kombu.serialization import dumps
 
+from .core import instruments
 from .core.extensions import Deferred, Outcome, TaskExtension
 from .core.state import extensions_of, settings_of
 from .deadletters.record import DeadLetter, exception_name, now
@@ -23,6 +26,24 @@ from .deadletters.store import DeadLetterStore
 from .errors import PayloadTooLarge
 
 logger = logging.getLogger(__name__)
+
+#: Message header: the Unix time a task was published (or became due, with a countdown or
+#: an ETA); ``celery_reliable_start_delay_seconds`` is measured from it.
+PUBLISHED_HEADER = "x-reliable-published"
+
+
+def _due_at(options: dict[str, Any]) -> float:
+    """Unix time a publish with ``options`` is due: now, or its ``countdown``/``eta``."""
+    now = time.time()
+    countdown = options.get("countdown")
+    if isinstance(countdown, (int, float)) and not isinstance(countdown, bool) and countdown > 0:
+        return now + float(countdown)
+    eta = options.get("eta")
+    if isinstance(eta, str):
+        eta = maybe_iso8601(eta)
+    if eta is not None and hasattr(eta, "timestamp"):
+        return max(now, float(eta.timestamp()))
+    return now
 
 
 class ReliableTask(Task):  # type: ignore[misc]
@@ -69,7 +90,24 @@ class ReliableTask(Task):  # type: ignore[misc]
         """
         if not self.app.conf.task_always_eager:
             self.check_payload_size(args, kwargs, options.get("serializer"))
+            options["headers"] = self._published_header(options)
         return super().apply_async(args, kwargs, *a, **options)
+
+    def _published_header(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The publish's headers with :data:`PUBLISHED_HEADER`: when the task is due (now,
+        or its ``countdown``/``eta``). A copy that already carries it (a deferred or parked
+        task sent again) keeps it, so the time it was held back counts as start delay; a
+        retry is measured afresh from when it is due."""
+        headers = dict(options.get("headers") or {})
+        request = self.request
+        retrying = (
+            options.get("task_id") is not None
+            and options.get("task_id") == request.id
+            and int(options.get("retries") or 0) > int(request.retries or 0)
+        )
+        if PUBLISHED_HEADER not in headers or retrying:
+            headers[PUBLISHED_HEADER] = _due_at(options)
+        return headers
 
     def check_payload_size(self, args: Any, kwargs: Any, serializer: str | None = None) -> int:
         """Serialized size of ``(args, kwargs)``; raise PayloadTooLarge over the limit."""
@@ -203,6 +241,7 @@ class ReliableTask(Task):  # type: ignore[misc]
         try:
             DeadLetterStore(self.app).add_patiently(entry)
         except Exception as store_exc:
+            instruments.store_error("dead_letter")
             logger.error(
                 "Could not write dead letter for %s[%s] (%r); requeueing the message",
                 self.name,

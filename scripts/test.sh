@@ -3,6 +3,7 @@
 # Tests start their own redis-server on a free port; RabbitMQ tests use 127.0.0.1:5672.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export RELIABLE_TEST_PACKAGES=1   # prometheus and docker-compose too
 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 

@@ -167,7 +167,6 @@ class LoggingListener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
         old = getattr(old_state, "name", None)
-        instruments.event("breaker", f"{cb.name}:{new_state.name}")
         logger.info(
             "celery_reliable: breaker %r seen %s -> %s (failures %d)",
             cb.name,

@@ -27,6 +27,7 @@ import redis
 from celery import bootsteps
 from celery.exceptions import Reject
 
+from ..core import instruments
 from ..core.extensions import ORDER_ADMISSION, Deferred, Outcome
 from ..core.state import add_extension, settings_of
 from ..core.store import RedisStore, store_for
@@ -149,6 +150,7 @@ class AdmissionExtension:
         try:
             verdict, wait_us, slot_us, state, probe, fails, trans = store.run(ADMIT, keys, argv)
         except redis.RedisError as exc:
+            instruments.store_error("admission")
             self._redis_unreachable(task, exc)
             return
         if spec.breaker is not None:
@@ -191,6 +193,7 @@ class AdmissionExtension:
                 [kind, task.request.id, spec.fail_max],
             )
         except redis.RedisError as exc:
+            instruments.store_error("breaker_report")
             logger.warning(
                 "celery_reliable: could not report %s of %s[%s] to breaker %r: %r",
                 kind,

@@ -20,8 +20,12 @@ from .group import app_of, emit_json
 
 #: Entries ``dlq list`` shows when no ``--limit`` is given.
 DEFAULT_LIST_LIMIT = 50
-#: Characters of the error message shown per row in ``dlq list``.
+#: Characters of the error message shown per row in ``dlq list`` (ellipsis included).
 ERROR_COLUMN_WIDTH = 60
+#: The mark of a cut error message.
+ELLIPSIS = "\u2026"
+#: Fields of a dead letter holding Unix seconds, shown as local date-times by ``dlq show``.
+TIME_FIELDS = ("failed_at",)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -60,6 +64,19 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def cut(text: str, width: int) -> str:
+    """``text`` on one line, at most ``width`` characters: cut at the last word boundary
+    (when one is in the second half) and marked with an ellipsis."""
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    head = text[: width - 1]
+    space = head.rfind(" ")
+    if space > width // 2:
+        head = head[:space]
+    return head.rstrip(" ,.;:") + ELLIPSIS
+
+
 def _selection(ids: tuple[str, ...], all_: bool, task: str | None) -> None:
     given = sum((bool(ids), all_, task is not None))
     if given != 1:
@@ -84,7 +101,7 @@ def list_(ctx: click.Context, task: str | None, limit: int, as_json: bool, **kwa
         return
     click.echo(f"{'ID':<38} {'FAILED AT':<19} {'REASON':<16} {'TASK':<30} ERROR")
     for e in entries:
-        error = f"{e.exception}: {e.error}"[:ERROR_COLUMN_WIDTH]
+        error = cut(f"{e.exception}: {e.error}", ERROR_COLUMN_WIDTH)
         click.echo(f"{e.id:<38} {_when(e.failed_at):<19} {e.reason:<16} {e.task!s:<30} {error}")
     stats = store.stats()
     click.echo(
@@ -97,6 +114,8 @@ def _show_text(e: DeadLetter) -> None:
     for name, value in e.to_dict().items():
         if name == "traceback":
             continue
+        if name in TIME_FIELDS and isinstance(value, (int, float)):
+            value = f"{_when(value)} ({time.strftime('%Z')}; {value!r})"
         click.echo(f"{name + ':':<15} {value}")
     if e.traceback:
         click.echo("traceback:")

@@ -14,6 +14,15 @@ from ..status import collect
 from .group import app_of, emit_json
 
 
+def _text(value: Any) -> str:
+    """One value on one line: ``k=v, k=v`` for a dict, ``-`` for nothing."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_text(v)}" for k, v in value.items()) or "-"
+    return str(value)
+
+
 @click.command(name="status", cls=CeleryCommand)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
@@ -31,11 +40,11 @@ def status(ctx: click.Context, as_json: bool, **kwargs: Any) -> None:
             if not body:
                 click.echo("  (none)")
             for row in body:
-                click.echo("  " + "  ".join(f"{k}={v}" for k, v in row.items()))
+                click.echo("  " + "  ".join(f"{k}={_text(v)}" for k, v in row.items()))
         elif isinstance(body, dict):
             if not body:
                 click.echo("  (none)")
             for k, v in body.items():
-                click.echo(f"  {k}: {v}")
+                click.echo(f"  {k}: {_text(v)}")
         else:
             click.echo(f"  {body}")

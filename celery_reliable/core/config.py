@@ -72,6 +72,7 @@ class Settings:
       dead_letter_ttl: retention of dead letters, in seconds.
       max_payload_bytes: largest serialized publish accepted.
       metrics_port: when set, workers serve Prometheus metrics on this port.
+      reaper_metrics_port: when set, the reaper serves its cluster-wide metrics here.
       ordering_gap_timeout: seconds before a never-published sequence number is skipped.
       embedded_reaper: run the reaper inside workers too (leader-elected).
       fail_open: rate limits and breakers let tasks run while Redis is unreachable.
@@ -88,6 +89,7 @@ class Settings:
     dead_letter_ttl: float = DEFAULT_DEAD_LETTER_TTL
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     metrics_port: int | None = None
+    reaper_metrics_port: int | None = None
     ordering_gap_timeout: float = DEFAULT_ORDERING_GAP_TIMEOUT
     embedded_reaper: bool = False
     fail_open: bool = DEFAULT_FAIL_OPEN
@@ -238,6 +240,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "dead_letter_ttl": _positive_float,
     "max_payload_bytes": _positive_int,
     "metrics_port": _port,
+    "reaper_metrics_port": _port,
     "ordering_gap_timeout": _positive_float,
     "embedded_reaper": _bool,
     "fail_open": _bool,

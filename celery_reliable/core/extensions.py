@@ -37,8 +37,9 @@ OutcomeKind = Literal["succeeded", "retry", "failed", "ignored", "deferred"]
 ORDER_ORDERING = 10
 ORDER_ADMISSION = 20
 ORDER_LEDGER = 30
-#: Metrics count outcomes; last, so they see every extension's decision.
-ORDER_METRICS = 90
+#: Metrics time and count runs; first, so that they also see the runs another extension
+#: defers (``after_return`` runs in reverse order: metrics see the final outcome last).
+ORDER_METRICS = 0
 
 
 @dataclass(frozen=True)

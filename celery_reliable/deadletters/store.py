@@ -85,6 +85,8 @@ class DeadLetterStore:
         self.index_key = k("{dlq}", "index")
         self.tasks_key = k("{dlq}", "tasks")
         self.stats_key = k("{dlq}", "stats")
+        self.kinds_key = k("{dlq}", "kinds")
+        self.counts_key = k("{dlq}", "counts")
 
     # --- writing ---
 
@@ -95,7 +97,7 @@ class DeadLetterStore:
         """
         if entry.traceback and len(entry.traceback) > MAX_TRACEBACK_CHARS:
             entry.traceback = "...\n" + entry.traceback[-MAX_TRACEBACK_CHARS:]
-        added = self._add_script(entry.id, entry.to_json(), repr(entry.failed_at), entry.task)
+        added = self._add_script(self.add_args(entry))
         if added:
             instruments.dead_lettered(entry.task, entry.reason)
             logger.error(
@@ -135,22 +137,37 @@ class DeadLetterStore:
         """Drop entries past ``reliable_dead_letter_ttl`` and ``reliable_dead_letter_max``
         now (counted and logged), without adding one. ``list`` and ``stats`` call it, so an
         idle store does not show entries older than its retention."""
-        self._add_script("", "", "0", None)
+        self._add_script(["", "", "0", "", *self.add_args_limits(), "", ""])
 
-    def _add_script(self, entry_id: str, data: str, failed_at: str, task: str | None) -> bool:
-        added, expired, dropped = self.store.run(
-            DLQ_ADD,
-            keys=[self.entries_key, self.index_key, self.tasks_key, self.stats_key],
-            args=[
-                entry_id,
-                data,
-                failed_at,
-                task or "",
-                self.settings.dead_letter_max,
-                self.settings.dead_letter_ttl,
-                EVICTIONS_PER_ADD,
-            ],
-        )
+    def script_keys(self) -> builtins.list[str]:
+        """KEYS of ``dlq_add.lua``."""
+        return [
+            self.entries_key,
+            self.index_key,
+            self.tasks_key,
+            self.stats_key,
+            self.kinds_key,
+            self.counts_key,
+        ]
+
+    def add_args(self, entry: DeadLetter) -> builtins.list[Any]:
+        """ARGV of ``dlq_add.lua`` for ``entry``."""
+        return [
+            entry.id,
+            entry.to_json(),
+            repr(entry.failed_at),
+            entry.task or "",
+            *self.add_args_limits(),
+            entry.reason,
+            entry.exception or "",
+        ]
+
+    def add_args_limits(self) -> builtins.list[Any]:
+        """ARGV 5-7 of ``dlq_add.lua``: capacity, retention, evictions per call."""
+        return [self.settings.dead_letter_max, self.settings.dead_letter_ttl, EVICTIONS_PER_ADD]
+
+    def _add_script(self, args: builtins.list[Any]) -> bool:
+        added, expired, dropped = self.store.run(DLQ_ADD, keys=self.script_keys(), args=args)
         if expired or dropped:
             logger.warning(
                 "dead-letter store: %d entries expired (older than reliable_dead_letter_ttl), "
@@ -172,6 +189,18 @@ class DeadLetterStore:
         raw = self.store.client.hgetall(self.stats_key)
         out = {name: int(raw.get(name, 0)) for name in ("added", "expired", "dropped")}
         out["count"] = self.count()
+        return out
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Entries stored now ``{"reason": {...}, "exception": {...}}``, from one counts
+        hash kept by the add and remove scripts (entries written by versions before it
+        existed are not in it)."""
+        raw = cast(dict[str, str], self.store.client.hgetall(self.counts_key))
+        out: dict[str, dict[str, int]] = {"reason": {}, "exception": {}}
+        for name, value in raw.items():
+            kind, _, label = name.partition(":")
+            if int(value) > 0:
+                out["reason" if kind == "r" else "exception"][label] = int(value)
         return out
 
     def get(self, entry_id: str) -> DeadLetter:
@@ -227,7 +256,15 @@ class DeadLetterStore:
     def _remove_batch(self, ids: builtins.list[str]) -> int:
         return int(
             self.store.run(
-                DLQ_REMOVE, keys=[self.entries_key, self.index_key, self.tasks_key], args=ids
+                DLQ_REMOVE,
+                keys=[
+                    self.entries_key,
+                    self.index_key,
+                    self.tasks_key,
+                    self.kinds_key,
+                    self.counts_key,
+                ],
+                args=ids,
             )
         )
 

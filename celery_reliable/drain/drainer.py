@@ -44,6 +44,7 @@ from celery import signals as celery_signals
 from celery.platforms import EX_OK
 from celery.worker import state
 
+from ..core import instruments
 from ..core.state import settings_of
 
 logger = logging.getLogger(__name__)
@@ -229,6 +230,7 @@ class Drainer:
     def begin(self, signame: str = "SIGTERM", at: float | None = None) -> None:
         """Phase 1: stop consuming, return the prefetched messages, start the wait."""
         self.phase = DRAINING
+        instruments.set_draining(True)
         self._started_at = at if at is not None else time.monotonic()
         logger.warning("drain: %s received; stopping consumers", signame)
         self._stop_consuming()

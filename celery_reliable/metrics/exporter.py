@@ -1,24 +1,36 @@
-"""Serves the worker's Prometheus metrics, aggregated across its prefork processes.
+"""Serves the worker's Prometheus metrics, aggregated across its prefork processes, and its
+health endpoints.
 
-Turned on by ``reliable_metrics_port``: the worker's main process then serves
-``http://<host>:<port>/metrics`` with the sum over itself and every pool process, using
-prometheus-client's multiprocess mode. The mode is chosen when prometheus_client is first
-imported, so :class:`MetricsStep` sets ``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory per
-worker instance, unless you set one) before anything imports it, and before the pool forks.
+Turned on by ``reliable_metrics_port``: the worker's main process then serves, on that port,
+
+- ``/metrics``: the sum over itself and every pool process, using prometheus-client's
+  multiprocess mode. The mode is chosen when prometheus_client is first imported, so
+  :class:`MetricsStep` sets ``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory per worker
+  instance, unless you set one) before anything imports it, and before the pool forks;
+- ``/healthz``: 200 while the worker's event loop turns (a timer entry of the loop stamps
+  the time every :data:`LOOP_TICK_INTERVAL`; older than :data:`LOOP_STALL_SECONDS`: 503);
+- ``/readyz``: 200 only while the worker consumes, its registration reached the store
+  within ``reliable_worker_timeout``, and it is not draining.
+
+Files of pool processes that died stay in the directory on purpose: their counters and
+histogram buckets are part of the worker's totals (removing them would make counters go
+backwards), and every gauge here is ``mostrecent``, which a dead process's stale value
+cannot win. The directory is removed when the worker stops.
 
 Examples:
     >>> app.conf.reliable_metrics_port = 9808
     $ curl -s localhost:9808/metrics | grep celery_reliable_tasks_total
+    $ curl -si localhost:9808/readyz
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import sys
 import tempfile
+import time
 from typing import Any
 
 from celery import bootsteps
@@ -26,17 +38,39 @@ from celery import bootsteps
 from ..core import instruments
 from ..core.extensions import ORDER_METRICS, Outcome
 from ..core.state import add_extension, settings_of
+from ..task import PUBLISHED_HEADER
+from .http import MetricsServer, serve
 
 logger = logging.getLogger(__name__)
 
 #: Environment variable that puts prometheus_client in multiprocess mode.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-#: Seconds between sweeps that drop the live gauges of pool processes that died.
-DEAD_PROCESS_SWEEP_INTERVAL = 30.0
+#: Seconds between the event loop's liveness stamps.
+LOOP_TICK_INTERVAL = 1.0
+#: ``/healthz`` fails when the event loop has not stamped for this many seconds.
+LOOP_STALL_SECONDS = 30.0
+
+#: ``Deferred.reason`` prefixes -> ``deferrals_total`` cause.
+_CAUSES = (("rate limit", "rate_limit"), ("breaker", "breaker"), ("ordering", "ordering"))
+
+
+def deferral_cause(exc: BaseException | None) -> str | None:
+    """The bounded cause of a deferral (None for one that is not counted: a stale copy)."""
+    cause = getattr(exc, "cause", None)
+    if cause in instruments.DEFERRAL_CAUSES:
+        return str(cause)
+    reason = str(getattr(exc, "reason", "") or "")
+    for prefix, name in _CAUSES:
+        if reason.startswith(prefix):
+            return name
+    return None
 
 
 class MetricsExtension:
-    """Counts every ReliableTask run by outcome (no Redis round trip)."""
+    """Times and counts every ReliableTask run (no Redis round trip).
+
+    It runs first (``ORDER_METRICS``), so it also sees the runs another extension defers.
+    """
 
     name = "metrics"
     order = ORDER_METRICS
@@ -45,27 +79,24 @@ class MetricsExtension:
         return instruments.enabled()
 
     def before_start(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        return None
+        task.request._reliable_started = (time.time(), time.perf_counter())
 
     def after_return(self, task: Any, outcome: Outcome) -> None:
         instruments.task_outcome(task.name, outcome.kind)
-
-
-def _dead_pids(path: str) -> set[int]:
-    pids = set()
-    for name in os.listdir(path):
-        if name.startswith("gauge_live") and name.endswith(".db"):
-            with contextlib.suppress(ValueError):
-                pids.add(int(name.rsplit("_", 1)[1][:-3]))
-    dead = set()
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            dead.add(pid)
-        except PermissionError:
-            pass
-    return dead
+        if outcome.kind == "deferred":
+            cause = deferral_cause(outcome.exc)
+            if cause is not None:
+                instruments.deferred(task.name, cause)
+            return
+        started = getattr(task.request, "_reliable_started", None)
+        if started is None or outcome.kind == "ignored":
+            return
+        wall, perf = started
+        published = (task.request.headers or {}).get(PUBLISHED_HEADER)
+        delay = None
+        if isinstance(published, (int, float)) and not isinstance(published, bool):
+            delay = wall - float(published)
+        instruments.task_ran(task.name, time.perf_counter() - perf, delay)
 
 
 class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -76,10 +107,14 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        self.port = settings_of(worker.app).metrics_port
+        settings = settings_of(worker.app)
+        self.port = settings.metrics_port
+        self.worker_timeout = settings.worker_timeout
         self.owned_dir: str | None = None
-        self.server: Any = None
+        self.server: MetricsServer | None = None
         self.timer_entry: Any = None
+        self.worker: Any = None
+        self.last_tick = time.monotonic()
         if self.port is None:
             return
         if MULTIPROC_ENV not in os.environ:
@@ -97,39 +132,66 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         return self.port is not None
 
     def start(self, worker: Any) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
         assert self.port is not None
+        self.worker = worker
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
-        self.server, _ = start_http_server(self.port, registry=registry)
-        logger.info("celery_reliable: serving metrics on port %s", self.port)
+        instruments.prepare()
+        self.last_tick = time.monotonic()
         if worker.timer is not None:
-            self.timer_entry = worker.timer.call_repeatedly(
-                DEAD_PROCESS_SWEEP_INTERVAL, self.sweep_dead_processes
-            )
+            self.timer_entry = worker.timer.call_repeatedly(LOOP_TICK_INTERVAL, self.tick)
+        self.server = serve(self.port, registry, self.healthz, self.readyz)
+        logger.info("celery_reliable: serving /metrics, /healthz and /readyz on port %s", self.port)
 
-    def sweep_dead_processes(self) -> None:
-        """Drop live gauges of pool processes that died without cleaning up."""
-        from prometheus_client import multiprocess
+    def tick(self) -> None:
+        """Run by the event loop's timer: the loop turns."""
+        self.last_tick = time.monotonic()
 
-        path = os.environ.get(MULTIPROC_ENV)
-        if path:
-            for pid in _dead_pids(path):
-                multiprocess.mark_process_dead(pid, path)
+    def healthz(self) -> tuple[bool, str]:
+        """200 while the event loop turns."""
+        stalled = time.monotonic() - self.last_tick
+        if stalled > LOOP_STALL_SECONDS:
+            return False, f"event loop stalled for {stalled:.1f}s"
+        return True, "ok"
+
+    def readyz(self) -> tuple[bool, str]:
+        """200 while consuming, registered in the store and not draining."""
+        if instruments.draining():
+            return False, "draining"
+        if not instruments.registered(self.worker_timeout):
+            return False, "not registered in the store (heartbeat failing or not yet sent)"
+        if not consuming(self.worker):
+            return False, "not consuming"
+        return True, "ok"
 
     def stop(self, worker: Any) -> None:
         if self.timer_entry is not None:
             self.timer_entry.cancel()
+            self.timer_entry = None
         if self.server is not None:
             self.server.shutdown()
             self.server = None
         if self.owned_dir is not None:
             shutil.rmtree(self.owned_dir, ignore_errors=True)
+            self.owned_dir = None
+
+
+def consuming(worker: Any) -> bool:
+    """True when the worker's consumer runs and has its task consumer and connection."""
+    consumer = getattr(worker, "consumer", None)
+    blueprint = getattr(consumer, "blueprint", None)
+    return (
+        blueprint is not None
+        and blueprint.state == bootsteps.RUN
+        and getattr(consumer, "task_consumer", None) is not None
+        and getattr(consumer, "connection", None) is not None
+    )
 
 
 def install(app: Any) -> None:
-    """Add the metrics step and the per-task outcome counter to ``app``."""
+    """Add the metrics step and the per-task instruments to ``app``."""
     app.steps["worker"].add(MetricsStep)
     add_extension(app, MetricsExtension())

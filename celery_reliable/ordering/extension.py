@@ -46,6 +46,7 @@ from celery.utils.time import maybe_iso8601
 from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
 
+from ..core import instruments
 from ..core.extensions import ORDER_ORDERING, Deferred, Outcome
 from ..core.state import settings_of
 from ..core.store import RedisStore, store_for
@@ -404,6 +405,7 @@ class OrderingExtension:
                 pipe.zadd(index_key(store), {member: int(time.time() * 1000)})
                 reply = pipe.execute()[0]
         except redis.RedisError as exc:
+            instruments.store_error("ordering")
             logger.error(
                 "ordering: cannot reach Redis to start %s[%s] (%r); requeueing it",
                 task.name,

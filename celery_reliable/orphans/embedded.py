@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from ..core.state import settings_of
@@ -74,7 +75,9 @@ class EmbeddedReaper:
                         )
                     self.leader = leader
                     if leader:
-                        reaper.run_pass()
+                        started = time.monotonic()
+                        result = reaper.run_pass()
+                        reaper.note_pass(time.monotonic() - started, result)
                 except Exception:
                     logger.exception("celery_reliable: embedded reaper pass failed")
                     reaper.close()

@@ -28,6 +28,7 @@ from typing import Any
 import redis
 from celery.exceptions import Ignore, Reject
 
+from ..core import instruments
 from ..core.extensions import ORDER_LEDGER, Outcome
 from ..core.state import settings_of
 from ..core.store import store_for
@@ -101,6 +102,7 @@ class LedgerExtension:
                 )
             )
         except redis.RedisError as exc:
+            instruments.store_error("ledger")
             logger.warning(
                 "celery_reliable: could not record %s[%s] in the in-flight ledger (%r); it runs"
                 " unrecorded (recovered only by the broker's visibility timeout if lost)",
@@ -147,6 +149,7 @@ class LedgerExtension:
                 )
             )
         except redis.RedisError as exc:
+            instruments.store_error("ledger")
             logger.warning(
                 "celery_reliable: could not remove %s[%s] from the in-flight ledger (%r); if"
                 " this worker dies before its next clean deregistration a reaper may give the"

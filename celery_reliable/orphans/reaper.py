@@ -33,15 +33,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from kombu.utils.encoding import bytes_to_str
 
-from ..core import instruments
 from ..core.broker import broker_is_redis
 from ..core.state import settings_of
 from ..core.store import store_for
@@ -297,14 +299,10 @@ class Reaper:
             self._pending[wid] = node
         for wid, node in list(self._pending.items()):
             recovered = self._recover_worker(wid, node)
-            for recovery in recovered:
-                instruments.event("reaper", recovery.action)
             result.recoveries.extend(recovered)
             del self._pending[wid]
         if self.restorer is not None:
             swept = self._sweep_unclaimed(clock)
-            for recovery in swept:
-                instruments.event("reaper", recovery.action)
             result.recoveries.extend(swept)
         return result
 
@@ -524,18 +522,40 @@ class Reaper:
 
     # --- running ---
 
+    def note_pass(self, seconds: float, result: PassResult) -> None:
+        """Record a finished pass in the store (``status`` shows the last one)."""
+        self.store.client.hset(
+            self.keys.last_pass,
+            mapping={
+                "at": repr(time.time()),
+                "seconds": repr(round(seconds, 6)),
+                "by": f"{socket.gethostname()}:{os.getpid()}",
+                "dead_workers": len(result.dead_workers),
+                "recoveries": len(result.recoveries),
+            },
+        )
+
     def run_forever(
-        self, interval: float | None = None, stop: threading.Event | None = None
+        self,
+        interval: float | None = None,
+        stop: threading.Event | None = None,
+        on_pass: Callable[[float, PassResult | None], None] | None = None,
     ) -> None:
         """Run passes every ``interval`` seconds (``reliable_reaper_interval``) until
-        ``stop`` is set. Redis or broker outages are logged and retried, never fatal."""
+        ``stop`` is set. Redis or broker outages are logged and retried, never fatal.
+
+        ``on_pass(seconds, result)`` is called after each pass (``result`` None when it
+        failed); the CLI's metrics exporter reads the cluster's state there.
+        """
         interval = interval or self.settings.reaper_interval
         stop = stop or threading.Event()
         failing = False
         while not stop.is_set():
             started = time.monotonic()
+            result: PassResult | None = None
             try:
-                self.run_pass()
+                result = self.run_pass()
+                self.note_pass(time.monotonic() - started, result)
                 if failing:
                     logger.warning("reaper: passes succeed again")
                 failing = False
@@ -549,8 +569,21 @@ class Reaper:
                 logger.exception("reaper: pass failed; retrying in %.1fs", interval)
                 if self.restorer is not None:
                     self.restorer.close()
+            if on_pass is not None:
+                on_pass(time.monotonic() - started, result)
             stop.wait(max(0.0, interval - (time.monotonic() - started)))
 
     def close(self) -> None:
         if self.restorer is not None:
             self.restorer.close()
+
+
+def last_pass(app: Any) -> dict[str, Any]:
+    """The last pass any reaper recorded (``at``, ``seconds``, ``by``...), or ``{}``."""
+    store = store_for(app)
+    raw: dict[str, str] = store.client.hgetall(RegistryKeys(store).last_pass)  # type: ignore[assignment]
+    out: dict[str, Any] = dict(raw)
+    for name in ("at", "seconds"):
+        if name in out:
+            out[name] = float(out[name])
+    return out

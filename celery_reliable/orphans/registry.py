@@ -40,6 +40,7 @@ from typing import Any
 
 import redis
 
+from ..core import instruments
 from ..core.state import settings_of
 from ..core.store import RedisStore, store_for
 from .scripts import DEREGISTER, HEARTBEAT
@@ -104,6 +105,10 @@ class RegistryKeys:
     @property
     def stats(self) -> str:
         return self._k("stats")
+
+    @property
+    def last_pass(self) -> str:
+        return self._k("last_pass")
 
     def ledger(self, worker_id: str) -> str:
         return self._k("ledger", worker_id)
@@ -321,9 +326,12 @@ class Heartbeat:
                     self.interval,
                 )
             self._failing = True
+            instruments.set_registered(False)
+            instruments.store_error("heartbeat")
             self._notify()
             return
         self._last_ok = time.monotonic()
+        instruments.set_registered(True)
         self._stale_waited = False
         self._notify()
         if self._failing:
@@ -359,6 +367,7 @@ class Heartbeat:
         if self._deregistered:
             return
         self._deregistered = True
+        instruments.set_registered(False)
         try:
             left = self.registry.deregister()
         except redis.RedisError as exc:
