@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     pack = sub.add_parser("pack", help="publish a slow packing task")
     pack.add_argument("order_id")
     pack.add_argument("--seconds", type=float, default=4.0)
-    sub.add_parser("killed", help="note the time of a kill -9 (for the recovery time)")
+    killed = sub.add_parser("killed", help="note the time of a kill -9 (for the recovery time)")
+    killed.add_argument("--at", type=float, default=None, help="Unix time of the kill")
     wp = sub.add_parser("wait-packed", help="wait until an order was packed")
     wp.add_argument("order_id")
     wp.add_argument("--timeout", type=float, default=60.0)
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         result = pack_order.delay(args.order_id, args.seconds)
         print(f"placed packing of {args.order_id} ({args.seconds:g}s) as task {result.id}")
     elif args.command == "killed":
-        db().set("shop:killed_at", time.time())
+        db().set("shop:killed_at", args.at or time.time())
     elif args.command == "wait-packed":
         wait_packed(args.order_id, args.timeout)
     elif args.command == "demo-ordering":
