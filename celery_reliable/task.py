@@ -273,7 +273,7 @@ class ReliableTask(Task):  # type: ignore[misc]
             exchange=info.get("exchange"),
             routing_key=info.get("routing_key"),
             priority=info.get("priority"),
-            headers=dict(request.headers or {}),
+            headers={k: v for k, v in (request.headers or {}).items() if k != PUBLISHED_HEADER},
             replayed_from=(request.headers or {}).get("x-reliable-replayed-from"),
         )
 

@@ -98,8 +98,7 @@ echo "workers shop-a (pid ${PIDS[shop-a]}, metrics :$PORT_A) and shop-b (pid ${P
 echo "reaper pid ${PIDS[reaper]} (metrics :$PORT_R)"
 
 step "Dead letters: a failed order is stored, fixed and replayed"
-run python -m examples.shop place
-python -m examples.shop wait --shipped 2 --dead 1
+run python -m examples.shop place --wait
 reliable dlq list | tee "$WORK/dlq-list.txt"
 ID="$(grep -oE '^[0-9a-f-]{36}' "$WORK/dlq-list.txt" | head -1)"
 reliable dlq show "$ID"

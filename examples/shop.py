@@ -298,7 +298,10 @@ def wait(shipped: int, dead: int, timeout: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m examples.shop")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("place", help="publish the demo orders")
+    placing = sub.add_parser("place", help="publish the demo orders")
+    placing.add_argument(
+        "--wait", action="store_true", help="then wait until 2 shipped and 1 dead-lettered"
+    )
     add = sub.add_parser("add-sku", help="add a SKU to the catalog (the fix)")
     add.add_argument("sku")
     sub.add_parser("shipped", help="list shipped orders")
@@ -320,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "place":
         place()
+        if args.wait:
+            wait(shipped=2, dead=1, timeout=60.0)
     elif args.command == "add-sku":
         db().sadd(CATALOG_KEY, args.sku)
         print(f"added {args.sku!r} to the catalog")

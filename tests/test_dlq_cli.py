@@ -105,7 +105,14 @@ def test_list_and_show_with_and_without_json(ns, start_worker):
     status = celery(ns, "reliable", "status", "--json")
     assert status.returncode == 0, status.stderr
     counters = json.loads(status.stdout)["dead_letters"]
-    assert counters == {"added": 4, "count": 4, "dropped": 0, "expired": 0}
+    assert counters == {
+        "added": 4,
+        "count": 4,
+        "dropped": 0,
+        "expired": 0,
+        "by_reason": {"dead_letter_for": 4},
+        "by_exception": {"tests.apps.basic.PermanentError": 4},
+    }
 
 
 def test_replay_and_purge_from_the_cli(ns, start_worker):
