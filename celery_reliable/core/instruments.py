@@ -12,6 +12,8 @@ Metric names (all prefixed ``celery_reliable_``):
 - ``events_total{feature,event}``: feature events (recoveries, breaker transitions, gap
   skips, drains...).
 - ``breaker_state{breaker}``: 0 closed, 1 half-open, 2 open (last value seen by any process).
+- ``store_errors_total{operation}``: Redis errors met by this worker, by what it was doing
+  (``dead_letter``: a dead-letter write that will be retried or requeued).
 
 Examples:
     >>> app.conf.reliable_metrics_port = 9808
@@ -53,6 +55,7 @@ _DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "tasks": ("counter", "ReliableTask runs by outcome", ("task", "outcome")),
     "dead_letters": ("counter", "Dead letters written", ("task", "reason")),
     "events": ("counter", "Reliability feature events", ("feature", "event")),
+    "store_errors": ("counter", "Redis errors met, by operation", ("operation",)),
     "breaker_state": (
         "gauge",
         "Circuit breaker state: 0 closed, 1 half-open, 2 open",
@@ -103,3 +106,9 @@ def breaker_state(breaker: str, state: str) -> None:
         value = BREAKER_STATE_VALUES.get(state)
         if value is not None:
             _metric("breaker_state").labels(breaker=breaker).set(value)
+
+
+def store_error(operation: str) -> None:
+    """Count one Redis error met while doing ``operation`` (``dead_letter``...)."""
+    if _enabled:
+        _metric("store_errors").labels(operation=operation).inc()
