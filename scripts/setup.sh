@@ -11,6 +11,15 @@ if ! command -v redis-server >/dev/null 2>&1; then
   else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null; fi
 fi
 
+# stress-ng loads the CPUs for `scripts/test-under-load.sh` (docs/testing.md).
+if ! command -v stress-ng >/dev/null 2>&1; then
+  echo "--> installing stress-ng (Debian package)"
+  if [ "$(id -u)" = 0 ]; then apt-get install -y -qq stress-ng >/dev/null \
+      || { apt-get update -qq && apt-get install -y -qq stress-ng >/dev/null; }
+  else sudo apt-get install -y -qq stress-ng >/dev/null \
+      || { sudo apt-get update -qq && sudo apt-get install -y -qq stress-ng >/dev/null; }; fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "--> creating $VENV"
   python3 -m venv "$VENV"
