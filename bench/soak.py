@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import threading
@@ -64,10 +65,19 @@ MIX = (
 #: Ordered tasks are spread over this many keys.
 ORDER_KEYS = 25
 #: Seconds, after the last publish and the last fault, for everything to end.
-SETTLE_TIMEOUT = 90.0
+SETTLE_TIMEOUT = 180.0
+#: Seconds without a single new run event after which the soak stops waiting (what is
+#: missing then will not come back without the broker's visibility timeout or an
+#: ordering gap timeout): several worker timeouts plus reaper intervals.
+STALL_TIMEOUT = 15.0
 #: Seconds after a store restart during which a run may be requeued for it (a dead-letter
 #: write waits up to 3 s for the store, then requeues).
 STORE_OUTAGE_MARGIN = 5.0
+#: Seconds between a run's end and its worker's kill within which the kill may have come
+#: before the message's ack (or after a retry's publish), so the task runs again.
+ACK_WINDOW = 10.0
+#: Seconds a publish is retried while the store is restarting.
+PUBLISH_PATIENCE = 60.0
 #: Seconds a worker has to come up (restarts happen on a loaded machine).
 READY_TIMEOUT = 60.0
 
@@ -93,6 +103,7 @@ class Report:
     kills: int = 0
     sigterms: int = 0
     store_restarts: int = 0
+    publish_retries: int = 0
     seconds: float = 0.0
     lost: list[dict[str, Any]] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
@@ -106,14 +117,17 @@ class Report:
             f"soak seed={self.seed}: {self.tasks} tasks "
             + ", ".join(f"{k} {v}" for k, v in self.by_kind.items()),
             f"faults: {self.kills} kill -9, {self.sigterms} SIGTERM, "
-            f"{self.store_restarts} store restart; {self.seconds:.0f} s",
+            f"{self.store_restarts} store restart; {self.seconds:.0f} s "
+            f"({self.publish_retries} publish retries while the store restarted)",
             f"succeeded exactly once: {self.succeeded}",
             f"dead-lettered exactly once: {self.dead_lettered}",
             "re-runs of runs a fault cut short: "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.reruns.items())) or "none"),
             f"not accounted for: {len(self.lost)}",
         ]
-        lines += [f"  LOST {json.dumps(item, sort_keys=True)}" for item in self.lost[:50]]
+        groups = Counter((item["kind"], item["message"]) for item in self.lost)
+        lines += [f"  {n:6d} {kind}: {where}" for (kind, where), n in groups.most_common()]
+        lines += [f"  LOST {json.dumps(item, sort_keys=True)}" for item in self.lost[:20]]
         lines.append(f"violations: {len(self.violations)}")
         lines += [f"  {v}" for v in self.violations[:50]]
         lines.append("RESULT: " + ("ok" if self.ok else "FAILED"))
@@ -157,6 +171,7 @@ class Soak:
         self.store_outages: list[tuple[float, float]] = []  # (down, up + write patience)
         self.workers: list[WorkerProcess] = []
         self._lock = threading.Lock()
+        self._stop = threading.Event()  # set when the run ends early: inject nothing more
 
     # --- processes ---
 
@@ -226,6 +241,7 @@ class Soak:
         self.store = RedisServer(args=["--appendonly", "yes", "--appendfsync", "always"])
         self.store.start()
         reaper = None
+        injector: threading.Thread | None = None
         started = time.monotonic()
         try:
             os.environ.update(self.env())
@@ -252,13 +268,14 @@ class Soak:
                     delay = t0 + n / self.publish_rate - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
-                    app.tasks[f"soak.{kind}"].apply_async(
-                        args, task_id=task_id, queue=self.queue, producer=producer
-                    )
+                    self._publish(app.tasks[f"soak.{kind}"], args, task_id, producer, report)
             injector.join()
             self._settle(app, mix)
             self._account(app, mix, report)
         finally:
+            self._stop.set()
+            if injector is not None:
+                injector.join()
             report.seconds = time.monotonic() - started
             if reaper is not None:
                 reaper.close()
@@ -268,11 +285,26 @@ class Soak:
             self.broker.close()
         return report
 
+    def _publish(
+        self, task: Any, args: tuple[Any, ...], task_id: str, producer: Any, report: Report
+    ) -> None:
+        """Publish, retrying while the store restarts (an ordered task's publish takes its
+        place in the store first), as a producer with a retry policy would."""
+        deadline = time.monotonic() + PUBLISH_PATIENCE
+        while True:
+            try:
+                task.apply_async(args, task_id=task_id, queue=self.queue, producer=producer)
+                return
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                report.publish_retries += 1
+                time.sleep(0.1)
+
     def _inject(self, faults: list[Fault], t0: float, report: Report) -> None:
         for fault in faults:
-            delay = t0 + fault.at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            if self._stop.wait(max(0.0, t0 + fault.at - time.monotonic())):
+                return
             if fault.kind == "store_restart":
                 down = time.time()
                 self.store.stop()  # SIGTERM: Redis writes its AOF and exits
@@ -303,19 +335,27 @@ class Soak:
         want_end = {tid for kind, tid, _ in mix if kind != "doomed"}
         want_dead = {tid for kind, tid, _ in mix if kind == "doomed"}
 
+        progress = [-1, time.monotonic()]  # events seen, when that count last changed
+
         def settled() -> bool:
-            ended = {
-                e["id"]
-                for e in map(json.loads, recorder.lrange(events_key(self.prefix), 0, -1))
-                if e["ev"] == "end"
-            }
+            raw = recorder.lrange(events_key(self.prefix), 0, -1)
+            if len(raw) != progress[0]:
+                progress[:] = [len(raw), time.monotonic()]
+            elif time.monotonic() - progress[1] > STALL_TIMEOUT:
+                return True  # nothing moves any more: account for what is missing
+            ended = {e["id"] for e in map(json.loads, raw) if e["ev"] == "end"}
             return want_end <= ended and dlq.count() >= len(want_dead)
 
         with contextlib.suppress(WaitTimeout):  # the accounting says what is missing
             wait_for(settled, SETTLE_TIMEOUT, interval=0.5, message="every task to end")
 
-    def _cause(self, run: dict[str, Any]) -> str | None:
-        """Why a run did not end, or ended and ran again: a fault we injected, or None."""
+    def _cause(self, run: dict[str, Any], earlier: list[dict[str, Any]]) -> str | None:
+        """Why a run did not end, or ended and ran again: a fault we injected, or None.
+
+        ``earlier`` are the task's runs before this one: a run whose worker was killed
+        soon after it ended (its retry published or its body done, its message not yet
+        acknowledged) explains a second line of runs (at least once).
+        """
         start = run["start"]
         if start["pg"] in self.killed_groups:
             return "kill"
@@ -324,6 +364,11 @@ class Soak:
         for begin, finish in self.store_outages:
             if begin - 1.0 <= start["t"] <= finish:
                 return "store_restart"
+        for prev in earlier:
+            killed = self.killed_groups.get(prev["start"]["pg"])
+            ended = prev["end"]["t"] if prev["end"] is not None else None
+            if killed is not None and ended is not None and 0 <= killed - ended < ACK_WINDOW:
+                return "kill before the ack"
         return None
 
     def _account(
@@ -369,7 +414,7 @@ class Soak:
             for run in tr:
                 if run is last or (run["end"] is not None and run["end"]["ev"] == "retry"):
                     continue
-                cause = self._cause(run)
+                cause = self._cause(run, tr[: tr.index(run)])
                 if cause is None:
                     what = run["end"]["ev"] if run["end"] else "never ended"
                     report.violations.append(
@@ -415,6 +460,11 @@ class Soak:
             payload = json.loads(raw)[0]
             tid = payload.get("headers", {}).get("id")
             where[str(tid)] = "in kombu's unacked hash (back after the visibility timeout)"
+        store = redis.Redis.from_url(self.store.url(0), decode_responses=True)
+        for key in store.scan_iter(match=f"{self.prefix}:{{ord:*}}:parked", count=1000):
+            for raw in store.hvals(key):
+                for tid in re.findall(r"ordered-\d+-\d+", raw):
+                    where.setdefault(tid, "parked by ordering behind a missing predecessor")
         return where
 
     def _lost(

@@ -16,6 +16,7 @@ from bench.soak import Soak
 SEED = int(os.environ.get("RELIABLE_SOAK_SEED", "7"))
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.xfail(
     reason="kombu's Redis BRPOP loses a message popped just before a kill -9, and plain "
     "acks_late tasks of a killed worker wait for the visibility timeout, until reliable "
