@@ -62,14 +62,16 @@ MIX = (
     ("guarded", 0.10),
     ("doomed", 0.10),
 )
-#: Ordered tasks are spread over this many keys.
-ORDER_KEYS = 25
+#: Ordered tasks are spread over this many keys (each key runs one task at a time, a
+#: hand-off per task: few keys would make the soak measure that latency, not losses).
+ORDER_KEYS = 100
 #: Seconds, after the last publish and the last fault, for everything to end.
-SETTLE_TIMEOUT = 180.0
+SETTLE_TIMEOUT = 600.0
 #: Seconds without a single new run event after which the soak stops waiting (what is
 #: missing then will not come back without the broker's visibility timeout or an
-#: ordering gap timeout): several worker timeouts plus reaper intervals.
-STALL_TIMEOUT = 15.0
+#: ordering gap timeout): longer than reliable_ordering_gap_timeout (30 s) plus a sweep,
+#: after which successors of a lost ordered task run.
+STALL_TIMEOUT = 45.0
 #: Seconds after a store restart during which a run may be requeued for it (a dead-letter
 #: write waits up to 3 s for the store, then requeues).
 STORE_OUTAGE_MARGIN = 5.0
@@ -388,8 +390,11 @@ class Soak:
                 if run["end"] is None and run["start"]["pid"] == e["pid"]:
                     run["end"] = e
                     break
-        dead = {entry.id for entry in DeadLetterStore(app).list(limit=None)}
+        letters = {entry.id: entry for entry in DeadLetterStore(app).list(limit=None)}
+        dead = set(letters)
         where = self._message_locations()
+        for tid, entry in letters.items():
+            where.setdefault(tid, f"dead-lettered ({entry.reason})")
         for kind, tid, _args in mix:
             tr = runs.get(tid, [])
             final = "dead" if kind == "doomed" else "end"
