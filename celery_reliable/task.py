@@ -18,11 +18,10 @@ from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from celery.utils.time import maybe_iso8601
 from kombu.serialization import dumps
 
-from .core import instruments
 from .core.extensions import Deferred, Outcome, TaskExtension
 from .core.state import extensions_of, settings_of
 from .deadletters.record import DeadLetter, exception_name, now
-from .deadletters.store import DeadLetterStore
+from .deadletters.store import WRITE_PATIENCE, DeadLetterStore
 from .errors import PayloadTooLarge
 
 logger = logging.getLogger(__name__)
@@ -44,6 +43,25 @@ def _due_at(options: dict[str, Any]) -> float:
     if eta is not None and hasattr(eta, "timestamp"):
         return max(now, float(eta.timestamp()))
     return now
+
+
+def reason_text(reason: object) -> str:
+    """A Reject reason as text: ``module.Class: message`` for an exception."""
+    if isinstance(reason, BaseException):
+        return f"{exception_name(reason)}: {reason}"
+    return str(reason)
+
+
+def requeue(reason: str, requeue: bool = True) -> Reject:
+    """The Reject a pool process raises to hand its message back to the broker.
+
+    The reason is a string: the Reject travels pickled to the worker's main process, where
+    an exception object inside it might not unpickle (and would stop the worker).
+
+    Examples:
+        >>> raise requeue(f"store unreachable: {reason_text(exc)}") from None
+    """
+    return Reject(reason, requeue=requeue)
 
 
 class ReliableTask(Task):  # type: ignore[misc]
@@ -125,6 +143,17 @@ class ReliableTask(Task):  # type: ignore[misc]
         request = self.request
         if request.called_directly or request.is_eager:
             return super().__call__(*args, **kwargs)
+        try:
+            return self._run(*args, **kwargs)
+        except Reject as exc:
+            # Celery pickles the Reject and sends it to the worker's main process; an
+            # exception object inside it may not unpickle there (redis-py's MovedError does
+            # not), which kills the worker. Only a string crosses the process boundary.
+            if exc.reason is None or isinstance(exc.reason, str):
+                raise
+            raise requeue(reason_text(exc.reason), requeue=bool(exc.requeue)) from None
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
         extensions = self._extensions()
         started: list[TaskExtension] = []
         try:
@@ -214,7 +243,7 @@ class ReliableTask(Task):  # type: ignore[misc]
                 self.request.id,
                 rej.reason,
             )
-            raise Reject(rej.reason, requeue=True) from None
+            raise requeue(reason_text(rej.reason)) from None
 
     # --- dead letters ---
 
@@ -241,14 +270,14 @@ class ReliableTask(Task):  # type: ignore[misc]
         try:
             DeadLetterStore(self.app).add_patiently(entry)
         except Exception as store_exc:
-            instruments.store_error("dead_letter")
             logger.error(
-                "Could not write dead letter for %s[%s] (%r); requeueing the message",
+                "Could not write dead letter for %s[%s] (%r) for %.0fs; requeueing the message",
                 self.name,
                 self.request.id,
                 store_exc,
+                WRITE_PATIENCE,
             )
-            raise Reject(store_exc, requeue=True) from cause
+            raise requeue(f"dead letter not written: {reason_text(store_exc)}") from cause
 
     def dead_letter_entry(
         self, exc: BaseException, reason: str, traceback: str | None

@@ -86,6 +86,8 @@ class RedisServer:
     Parameters:
       port: the port (default: a free one; kept across restarts).
       binary: the ``redis-server`` executable.
+      args: more ``redis-server`` arguments (``["--appendonly", "yes"]`` keeps the data
+        across :meth:`stop`/:meth:`start`; ``["--requirepass", "s3cret"]``).
 
     Examples:
         >>> server = RedisServer().start()
@@ -94,13 +96,16 @@ class RedisServer:
         >>> server.kill(); server.start()
     """
 
-    def __init__(self, port: int | None = None, binary: str = "redis-server") -> None:
+    def __init__(
+        self, port: int | None = None, binary: str = "redis-server", args: Sequence[str] = ()
+    ) -> None:
         path = shutil.which(binary)
         if path is None:
             raise RuntimeError(f"{binary} not found on PATH (apt-get install redis-server)")
         self.binary = path
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="reliable-redis-"))
+        self.args = list(args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0) -> str:
@@ -126,6 +131,7 @@ class RedisServer:
                 str(self.dir),
                 "--protected-mode",
                 "no",
+                *self.args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -143,7 +149,7 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # up (maybe locked)
         except OSError:
             return False
 

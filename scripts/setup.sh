@@ -27,6 +27,15 @@ if [ "${#MISSING[@]}" -gt 0 ]; then
     || echo "--> could not install ${MISSING[*]}: not root and no password-less sudo"
 fi
 
+# stress-ng loads the CPUs for `scripts/test-under-load.sh` (docs/testing.md).
+if ! command -v stress-ng >/dev/null 2>&1; then
+  echo "--> installing stress-ng (Debian package)"
+  if [ "$(id -u)" = 0 ]; then apt-get install -y -qq stress-ng >/dev/null \
+      || { apt-get update -qq && apt-get install -y -qq stress-ng >/dev/null; }
+  else sudo apt-get install -y -qq stress-ng >/dev/null \
+      || { sudo apt-get update -qq && sudo apt-get install -y -qq stress-ng >/dev/null; }; fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "--> creating $VENV"
   python3 -m venv "$VENV"

@@ -27,7 +27,7 @@ from celery_reliable.ordering.sweep import sweep_once
 from celery_reliable.status import collect
 from celery_reliable.testing import ReaperProcess, RedisServer, wait_for
 from tests.apps import ordering
-from tests.apps.common import events, make_app
+from tests.apps.common import events, make_app, recorder
 from tests.conftest import ROOT
 
 KEYS = 20
@@ -92,12 +92,13 @@ def publish_interleaved(
     app: Any, keys: int, per_key: int, pause: float, long: tuple[str, int] | None = None
 ) -> dict[str, list[str]]:
     """Publish ``per_key`` steps for each of ``keys`` keys, round robin; the step ``long``
-    (key, n), if given, takes 3 s."""
+    (key, n), if given, holds until the test sets ``ordering.release_key`` (however
+    loaded the machine, a kill while it runs interrupts it)."""
     step = app.tasks["ordering.step"]
     ids: dict[str, list[str]] = defaultdict(list)
     for n in range(per_key):
         for k in range(keys):
-            took = 3.0 if (f"k{k}", n) == long else pause
+            took = -1.0 if (f"k{k}", n) == long else pause
             ids[f"k{k}"].append(step.delay(f"k{k}", n, took).id)
     return ids
 
@@ -194,7 +195,7 @@ def _kill9_run(ns: Any, app: Any, start_worker: Any, keys: int, per_key: int) ->
         start_worker("ordering", name=name, concurrency=2, env=CRASH_ENV)
         for name in ("w1", "w2", "w3")
     ]
-    long = ("k3", per_key // 4)  # a 3 s step: the kill is sure to interrupt it
+    long = ("k3", per_key // 4)  # held until released: the kill is sure to interrupt it
     ids = publish_interleaved(app, keys, per_key, 0.02, long=long)
     total = keys * per_key
 
@@ -208,6 +209,7 @@ def _kill9_run(ns: Any, app: Any, start_worker: Any, keys: int, per_key: int) ->
     (victim,) = [w for w in workers if w.nodename == host]
     killed_at = time.time()
     victim.kill9()
+    recorder(app).set(ordering.release_key(app), 1)  # its re-run (and nothing else) may end
     victim_runs = [e for e in events(app, "started") if e["hostname"] == victim.nodename]
     assert victim_runs, "the victim ran tasks before it was killed"
 

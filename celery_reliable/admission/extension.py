@@ -25,13 +25,12 @@ from typing import Any
 
 import redis
 from celery import bootsteps
-from celery.exceptions import Reject
 
 from ..core import instruments
 from ..core.extensions import ORDER_ADMISSION, Deferred, Outcome
 from ..core.state import add_extension, settings_of
 from ..core.store import RedisStore, store_for
-from ..task import ReliableTask
+from ..task import ReliableTask, reason_text, requeue
 from .breaker import HALF_OPEN_RECHECK_SECONDS, BreakerSpec, observe, outcome_kind
 from .ratelimit import MAX_RESERVATION_SECONDS, SHORT_WAIT_SECONDS, BucketSpec
 from .scripts import ADMIT, BREAKER_REPORT
@@ -273,7 +272,7 @@ def defer(
             request.id,
             exc,
         )
-        raise Reject(exc, requeue=True) from None
+        raise requeue(f"deferred copy not published: {reason_text(exc)}") from None
     store = store_for(task.app)
     try:
         options = task.app.conf.broker_transport_options or {}

@@ -21,7 +21,8 @@ What Celery 5.7 does with each kind of bad input (protocol 2), and where we catc
   (``malformed``) and dropped instead.
 
 If the store cannot be written (Redis is down) the message is put back on the broker
-instead of being dropped, and the failure is logged.
+instead of being dropped (after WRITE_PATIENCE, so a failing store is not looped hot), and
+the failure is logged and counted.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from typing import Any
 
 from celery import bootsteps
 
+from ..core import instruments
 from .record import DeadLetter, exception_name, now
-from .store import DeadLetterStore
+from .store import WRITE_ERROR_LOG_INTERVAL, WRITE_PATIENCE, DeadLetterStore, LogThrottle
 
 logger = logging.getLogger(__name__)
+#: Failing dead-letter writes of bad messages are logged at most this often.
+_write_errors = LogThrottle(WRITE_ERROR_LOG_INTERVAL)
 
 #: Longest part of an undecodable body kept in its dead letter, in bytes.
 MAX_BODY_BYTES = 64 * 1024
@@ -184,16 +188,37 @@ class BadInputStep(bootsteps.StartStopStep):  # type: ignore[misc]
             entry = raw_entry(message, reason, exc or read_exc, hostname)
         try:
             DeadLetterStore(self.consumer.app).add(entry)
-        except Exception:
-            logger.exception(
-                "Could not dead-letter a %s message; putting it back on the broker", reason
-            )
+        except Exception as store_exc:
+            instruments.store_error("dead_letter")
+            if _write_errors.due():
+                logger.error(
+                    "Could not dead-letter a %s message (%r); putting it back on the broker in "
+                    "%.0fs (logged once per %.0fs)",
+                    reason,
+                    store_exc,
+                    WRITE_PATIENCE,
+                    WRITE_ERROR_LOG_INTERVAL,
+                )
+            self._requeue_later(message)
+            return False
+        return True
+
+    def _requeue_later(self, message: Any) -> None:
+        """Put the message back after :data:`WRITE_PATIENCE`: requeued at once, it would
+        come straight back and loop hot while the store fails. It stays unacknowledged
+        meanwhile (a worker killed now leaves it to the broker's redelivery)."""
+
+        def requeue() -> None:
             try:
                 message.reject(requeue=True)
             except Exception:
                 logger.exception("Could not requeue the message either")
-            return False
-        return True
+
+        timer = getattr(self.consumer, "timer", None)
+        if timer is None:
+            requeue()
+        else:
+            timer.call_after(WRITE_PATIENCE, requeue)
 
     def _wrap(
         self,

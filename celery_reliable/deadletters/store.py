@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import builtins
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
-
-import redis
 
 from ..core import instruments
 from ..core.store import RedisStore, store_for
@@ -45,17 +44,39 @@ EVICTIONS_PER_ADD = 1000
 PAGE_SIZE = 500
 #: Longest traceback kept, in characters (the tail is kept: it names the failing line).
 MAX_TRACEBACK_CHARS = 20_000
-#: Seconds :meth:`DeadLetterStore.add_patiently` keeps trying while Redis is unreachable
-#: (restarting, failing over) before giving up; a pool process then requeues the message.
+#: Seconds :meth:`DeadLetterStore.add_patiently` keeps trying when a write fails (Redis
+#: restarting, failing over, full, refusing the command) before giving up; a pool process
+#: then requeues the message, so a failing store cycles each such task about this often.
 WRITE_PATIENCE = 3.0
 #: First pause between those attempts, in seconds; it doubles after each attempt.
 WRITE_BACKOFF = 0.25
-#: Errors worth another attempt: Redis unreachable, loading, or a replica mid-failover.
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-)
+#: Seconds between two log lines about failing dead-letter writes, per process.
+WRITE_ERROR_LOG_INTERVAL = WRITE_PATIENCE
+
+
+class LogThrottle:
+    """``due()`` is True at most once per ``interval`` seconds (in this process).
+
+    Examples:
+        >>> every = LogThrottle(3.0)
+        >>> if every.due(): logger.warning("still failing")
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last = float("-inf")
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.interval:
+                return False
+            self._last = now
+            return True
+
+
+_write_errors = LogThrottle(WRITE_ERROR_LOG_INTERVAL)
 
 
 @dataclass(frozen=True)
@@ -111,26 +132,34 @@ class DeadLetterStore:
         return added
 
     def add_patiently(self, entry: DeadLetter, patience: float = WRITE_PATIENCE) -> bool:
-        """:meth:`add`, retried with backoff for up to ``patience`` seconds while Redis is
-        unreachable, so a Redis restart or failover does not make the caller give up (and
-        rerun the task). Re-raises the last error after that.
+        """:meth:`add`, retried with backoff for ``patience`` seconds when it fails, so a
+        Redis restart or failover does not make the caller give up (and rerun the task), and
+        a store that keeps failing (full at ``maxmemory``, MOVED, NOPERM...) is not hammered:
+        the caller gets the error only after the whole ``patience``. Each failed attempt is
+        counted (``store_errors_total{operation="dead_letter"}``); failures are logged at
+        most once per :data:`WRITE_ERROR_LOG_INTERVAL` per process. Re-raises the last error.
         """
         deadline = time.monotonic() + patience
         pause = WRITE_BACKOFF
         while True:
             try:
                 return self.add(entry)
-            except TRANSIENT_ERRORS as exc:
-                if time.monotonic() + pause > deadline:
+            except Exception as exc:
+                instruments.store_error("dead_letter")
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise
-                logger.warning(
-                    "Dead-letter store unreachable (%r) writing %s[%s]; trying again in %.2fs",
-                    exc,
-                    entry.task,
-                    entry.task_id,
-                    pause,
-                )
-                time.sleep(pause)
+                if _write_errors.due():
+                    logger.warning(
+                        "Dead-letter store unreachable or failing (%r) writing %s[%s]; trying "
+                        "again for up to %.1fs (logged once per %.0fs)",
+                        exc,
+                        entry.task,
+                        entry.task_id,
+                        left,
+                        WRITE_ERROR_LOG_INTERVAL,
+                    )
+                time.sleep(min(pause, left))
                 pause *= 2
 
     def trim(self) -> None:

@@ -51,6 +51,7 @@ from ..core.extensions import ORDER_ORDERING, Deferred, Outcome
 from ..core.state import settings_of
 from ..core.store import RedisStore, store_for
 from ..errors import ConfigurationError
+from ..task import reason_text, requeue
 from .scripts import ORD_END, ORD_PUBLISH, ORD_RENEW, ORD_START
 
 logger = logging.getLogger(__name__)
@@ -412,7 +413,7 @@ class OrderingExtension:
                 request.id,
                 exc,
             )
-            raise Reject(exc, requeue=True) from exc
+            raise requeue(f"ordering start failed: {reason_text(exc)}") from None
         verdict = reply[0]
         if verdict == "run":
             token = int(reply[1])

@@ -51,7 +51,7 @@ from ..deadletters.record import DeadLetter, now
 from ..deadletters.store import DeadLetterStore
 from ..task import ReliableTask
 from .registry import REAPED_MARKER_TTL, RECOVERY_COUNT_TTL, RegistryKeys
-from .scripts import REAPER_CLAIM, REAPER_RECLAIM
+from .scripts import REAPER_CLAIM, REAPER_EPOCH, REAPER_RECLAIM
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +243,8 @@ class Reaper:
         self.redis_broker = broker_is_redis(app)
         self.restorer = RedisBrokerRestorer(app) if self.redis_broker else None
         self._pending: dict[str, str | None] = {}  # claimed worker id -> node name
+        self._epoch: str | None = None  # the registry generation seen by the last pass
+        self._judge_after = 0.0  # Redis time before which no worker is judged
         conn = app.connection_for_write()
         self._errors: tuple[type[BaseException], ...] = (
             redis.RedisError,
@@ -257,9 +259,10 @@ class Reaper:
         """Claim every dead worker and recover what it held. Safe to run concurrently."""
         result = PassResult()
         client: Any = self.store.client
-        seconds, micros = client.time()
-        clock = seconds + micros / 1e6
         k = self.keys
+        clock = self._registry_clock()
+        if clock is None:
+            return result
         for wid in client.zrangebyscore(
             k.claims, "-inf", clock - CLAIM_LEASE, start=0, num=CLAIM_BATCH
         ):
@@ -305,6 +308,36 @@ class Reaper:
             swept = self._sweep_unclaimed(clock)
             result.recoveries.extend(swept)
         return result
+
+    def _registry_clock(self) -> float | None:
+        """Redis time now, or None while the registry is too young to judge anyone.
+
+        A registry that began (or changed generation) less than ``reliable_worker_timeout``
+        ago may lack live workers that have not heartbeated since the store lost its data;
+        judging then would give back messages that live workers hold.
+        """
+        epoch, now = self.store.run(
+            REAPER_EPOCH, keys=[self.keys.epoch, self.keys.workers], args=[]
+        )
+        clock = float(now)
+        timeout = self.settings.worker_timeout
+        if epoch != self._epoch:
+            if self._epoch is not None:  # a new generation under this reaper's eyes
+                self._judge_after = clock + timeout
+            self._epoch = epoch
+            young = max(float(epoch) + timeout, self._judge_after) - clock
+            if young > 0:
+                logger.warning(
+                    "reaper: the store's worker registry is new (began %.1fs ago: a fresh "
+                    "store, or one that lost its data); judging no worker for %.1fs, until "
+                    "every live worker has heartbeated again (reliable_worker_timeout=%.1fs)",
+                    clock - float(epoch),
+                    young,
+                    timeout,
+                )
+        if clock < max(float(epoch) + timeout, self._judge_after):
+            return None
+        return clock
 
     def _claimed_tags(self) -> set[str]:
         """Delivery tags some registered worker (alive, or dead and not yet recovered) or an

@@ -35,14 +35,17 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from kombu.utils.url import maybe_sanitize_url
 
 from ..core import instruments
 from ..core.state import settings_of
 from ..core.store import RedisStore, store_for
+from ..errors import ConfigurationError
 from .scripts import DEREGISTER, HEARTBEAT
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,10 @@ REAPED_MARKER_TTL = 24 * 3600
 RECOVERY_COUNT_TTL = 7 * 24 * 3600
 #: Attempts at copying the reserved-requests set while the event loop mutates it.
 SNAPSHOT_ATTEMPTS = 5
+#: First pause, in seconds, between attempts at registering with an unreachable store; it
+#: doubles after each attempt, up to :data:`REGISTER_BACKOFF_MAX`.
+REGISTER_BACKOFF = 0.5
+REGISTER_BACKOFF_MAX = 10.0
 
 _current_worker_id: str | None = None
 _current_heartbeat: Heartbeat | None = None
@@ -109,6 +116,10 @@ class RegistryKeys:
     @property
     def last_pass(self) -> str:
         return self._k("last_pass")
+
+    @property
+    def epoch(self) -> str:
+        return self._k("epoch")
 
     def ledger(self, worker_id: str) -> str:
         return self._k("ledger", worker_id)
@@ -172,7 +183,13 @@ class WorkerRegistry:
         replace = "1" if held_tags is not None else "0"
         reply = self.store.run(
             HEARTBEAT,
-            keys=[k.workers, k.info, k.held(self.worker_id), k.reaped(self.worker_id)],
+            keys=[
+                k.workers,
+                k.info,
+                k.held(self.worker_id),
+                k.reaped(self.worker_id),
+                k.epoch,
+            ],
             args=[self.worker_id, self.info_json(), repr(time.time()), replace, *(held_tags or [])],
         )
         return bool(int(reply[0]))
@@ -188,6 +205,43 @@ class WorkerRegistry:
                 args=[wid],
             )
         )
+
+
+def check_store(store: RedisStore) -> None:
+    """At worker start: stop with one line naming ``reliable_redis_url`` when the store
+    answers but cannot serve (a wrong password, not Redis). Unreachable is not an error
+    here: :meth:`Heartbeat.register` waits for it.
+
+    Raises:
+        ConfigurationError: the store is unusable; the message names the setting.
+    """
+    try:
+        store.client.ping()
+    except redis.RedisError as exc:
+        check_store_answer(store, exc)
+
+
+def check_store_answer(store: RedisStore, exc: BaseException) -> None:
+    """Raise ConfigurationError when ``exc`` says the store is unusable (see
+    :func:`store_problem`); return for errors that waiting may cure."""
+    problem = store_problem(exc)
+    if problem is not None:
+        url = maybe_sanitize_url(store.settings.redis_url)
+        raise ConfigurationError("reliable_redis_url", f"{url}: {problem}") from None
+
+
+def store_problem(exc: BaseException) -> str | None:
+    """Why the store is unusable, when ``exc`` says so (a wrong password, a server that
+    does not speak Redis); None for errors that waiting may cure (unreachable, loading)."""
+    if isinstance(exc, redis.AuthenticationError):
+        return f"the store refused the credentials ({exc})"
+    if isinstance(exc, redis.exceptions.InvalidResponse):
+        return f"the server there does not answer as Redis ({exc})"
+    if isinstance(exc, redis.ResponseError) and str(exc).startswith(
+        ("NOAUTH", "WRONGPASS", "NOPERM")
+    ):
+        return f"the store refused the credentials ({exc})"
+    return None
 
 
 def held_delivery_tags() -> list[str]:
@@ -249,11 +303,51 @@ class Heartbeat:
         self._stale_waited = False
 
     def start(self) -> None:
-        self.beat()
+        self.register()
         self._thread = threading.Thread(target=self._run, name="reliable-heartbeat", daemon=True)
         self._thread.start()
         for companion in self.companions:
             companion.start()
+
+    def register(self, sleep: Callable[[float], None] = time.sleep) -> None:
+        """The first heartbeat, retried with backoff until the store answers.
+
+        Called from the worker step before the consumer starts, so a worker whose store is
+        unreachable does not consume (a reaper could not see it, and would give its
+        messages back). Each failed attempt logs how long the worker has been waiting.
+
+        Raises:
+            ConfigurationError: the store answers, but not as a usable Redis (a wrong
+                password, not Redis at all): waiting would not help.
+        """
+        began = time.monotonic()
+        pause = REGISTER_BACKOFF
+        while True:
+            try:
+                self.registry.heartbeat(self._held() if self.report_tags else None)
+            except redis.RedisError as exc:
+                check_store_answer(self.registry.store, exc)
+                logger.error(
+                    "celery_reliable: worker %s cannot register: store %s unreachable for %.0fs"
+                    " (%r); not consuming until it answers, next try in %.1fs",
+                    self.registry.worker_id,
+                    maybe_sanitize_url(self.registry.store.settings.redis_url),
+                    time.monotonic() - began,
+                    exc,
+                    pause,
+                )
+                sleep(pause)
+                pause = min(pause * 2, REGISTER_BACKOFF_MAX)
+                continue
+            self._last_ok = time.monotonic()
+            self._notify()
+            if time.monotonic() - began > pause:
+                logger.warning(
+                    "celery_reliable: worker %s registered after %.0fs; consuming",
+                    self.registry.worker_id,
+                    time.monotonic() - began,
+                )
+            return
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -13,14 +13,20 @@ from celery import bootsteps, signals
 
 from ..core.broker import broker_is_redis
 from ..core.state import settings_of
+from ..errors import ConfigurationError
 from .embedded import EmbeddedReaper
-from .registry import Heartbeat, WorkerRegistry, new_worker_id, set_current
+from .registry import Heartbeat, WorkerRegistry, check_store, new_worker_id, set_current
 
 logger = logging.getLogger(__name__)
 
 
 class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Worker step: unique worker id (before the pool forks), heartbeat, deregistration.
+
+    The worker consumes only once it is registered: with the store unreachable, the step's
+    start retries (with backoff, logging how long it has waited) before the consumer
+    starts; a store that answers but cannot serve stops the worker at once, with one line
+    naming ``reliable_redis_url`` (exit code 1).
 
     A warm shutdown deregisters on ``worker_shutdown``, sent after the pool has finished
     its running tasks, so a worker that is still draining keeps its registration (and is
@@ -38,6 +44,10 @@ class RegistryStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def create(self, w: Any) -> Heartbeat:
         settings = settings_of(w.app)
         registry = WorkerRegistry(w.app, self.worker_id, w.hostname)
+        try:
+            check_store(registry.store)
+        except ConfigurationError as exc:  # a wrong password, not Redis: stop, one line
+            raise SystemExit(f"celery_reliable: {exc}") from None
         companions: list[Any] = []
         if settings.embedded_reaper:
             companions.append(EmbeddedReaper(w.app, self.worker_id))

@@ -26,11 +26,26 @@ def seq_of(task: Any) -> int | None:
     return int(place[2]) if place else None
 
 
+#: Longest hold of a step published with a negative pause.
+HOLD_LIMIT = 120.0
+
+
+def release_key(app: Celery) -> str:
+    """Set it to let held steps (negative pause) end."""
+    return f"{app.conf.reliable_key_prefix}:test:release"
+
+
 def build(app: Celery) -> Celery:
     @app.task(base=ReliableTask, bind=True, shared=False, name="ordering.step", ordering_key="key")
     def step(self: Any, key: str, n: int, pause: float = 0.0) -> int:
+        """Sleeps ``pause`` seconds; a negative pause holds the step until the test sets
+        :func:`release_key` (at most ``HOLD_LIMIT`` s), so a kill surely interrupts it."""
         record(app, self, "started", key=key, n=n, seq=seq_of(self))
-        if pause:
+        if pause < 0:
+            deadline = time.monotonic() + HOLD_LIMIT
+            while not recorder(app).exists(release_key(app)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        elif pause:
             time.sleep(pause)
         record(app, self, "ended", key=key, n=n, seq=seq_of(self))
         return n
