@@ -9,7 +9,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from celery_reliable.admission.extension import breaker_key, bucket_key, copy_key
+from celery_reliable.admission.extension import (
+    breaker_key,
+    bucket_index_key,
+    bucket_key,
+    copy_key,
+)
 from celery_reliable.admission.scripts import ADMIT
 from celery_reliable.core.config import Settings
 from celery_reliable.core.store import RedisStore
@@ -34,9 +39,9 @@ def main() -> None:
 
         def admit(i: int, breaker: bool) -> Any:
             # a bucket that never runs dry (1 µs interval), so every call is a "run"
-            keys = [copy_key(store, str(i)), bucket_key(store, "b")]
+            keys = [copy_key(store, str(i)), bucket_key(store, "b"), bucket_index_key(store)]
             argv: list[Any] = ["1", 1, 1_000_000, 0, "0", 0, 0, str(i), 300_000_000, 1_000_000]
-            argv += ["", 50_000]
+            argv += ["", 50_000, "b", 600_000_000]
             if breaker:
                 keys.append(breaker_key(store, "v"))
                 argv[4:7] = ["1", 1_000_000, 1_000_000]

@@ -384,6 +384,177 @@ class ReaperProcess:
             self.proc.wait(DEFAULT_TIMEOUT)
 
 
+#: Seconds a cluster node may be unreachable before the cluster marks it failed.
+CLUSTER_NODE_TIMEOUT_MS = 2000
+#: Sentinel declares a master down after this many ms without a reply.
+SENTINEL_DOWN_AFTER_MS = 1000
+#: Sentinel's failover timeout (also the pause before it retries a failed failover).
+SENTINEL_FAILOVER_TIMEOUT_MS = 5000
+
+
+def _command(port: int, *args: str) -> str:
+    """Run one command on a local Redis with redis-cli; its output."""
+    done = subprocess.run(
+        ["redis-cli", "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=DEFAULT_TIMEOUT,
+    )
+    return done.stdout
+
+
+class RedisClusterServers:
+    """A Redis Cluster of ``masters`` masters (no replicas) on free ports, made with
+    ``redis-cli --cluster create``.
+
+    Examples:
+        >>> cluster = RedisClusterServers().start()
+        >>> cluster.url()
+        'redis+cluster://127.0.0.1:50101,127.0.0.1:50102,127.0.0.1:50103/'
+    """
+
+    def __init__(self, masters: int = 3) -> None:
+        self.servers = [
+            RedisServer(
+                args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(CLUSTER_NODE_TIMEOUT_MS),
+                ]
+            )
+            for _ in range(masters)
+        ]
+
+    def url(self) -> str:
+        nodes = ",".join(f"127.0.0.1:{s.port}" for s in self.servers)
+        return f"redis+cluster://{nodes}/"
+
+    def start(self, timeout: float = DEFAULT_TIMEOUT) -> RedisClusterServers:
+        for server in self.servers:
+            server.start(timeout)
+        done = subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{s.port}" for s in self.servers),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{done.stdout}{done.stderr}")
+        wait_for(
+            lambda: all(
+                "cluster_state:ok" in _command(s.port, "cluster", "info") for s in self.servers
+            ),
+            timeout,
+            message="every cluster node to see every slot covered",
+        )
+        return self
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+class RedisSentinelSetup:
+    """A master, a replica of it and one Sentinel (``redis-server --sentinel``) watching
+    them as ``master_name``; the Sentinel promotes the replica when the master dies.
+
+    Examples:
+        >>> setup = RedisSentinelSetup().start()
+        >>> setup.url(1), setup.master_name
+        ('sentinel://127.0.0.1:50120/1', 'reliable-test')
+        >>> setup.kill_master(); setup.wait_promoted()
+    """
+
+    master_name = "reliable-test"
+
+    def __init__(self) -> None:
+        self.master = RedisServer()
+        self.replica = RedisServer(args=["--replicaof", "127.0.0.1", str(self.master.port)])
+        self.sentinel_port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="reliable-sentinel-"))
+        self.sentinel: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"sentinel://127.0.0.1:{self.sentinel_port}/{db}"
+
+    def start(self, timeout: float = DEFAULT_TIMEOUT) -> RedisSentinelSetup:
+        self.master.start(timeout)
+        self.replica.start(timeout)
+        wait_for(
+            lambda: "master_link_status:up" in _command(self.replica.port, "info", "replication"),
+            timeout,
+            message="the replica to sync with its master",
+        )
+        config = self.dir / "sentinel.conf"
+        name = self.master_name
+        config.write_text(
+            f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {name} 127.0.0.1 {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {name} {SENTINEL_DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {name} {SENTINEL_FAILOVER_TIMEOUT_MS}\n"
+        )
+        log = open(self.dir / "sentinel.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.sentinel = subprocess.Popen(
+            [self.master.binary, str(config), "--sentinel"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        wait_for(
+            lambda: (
+                str(self.replica.port) in _command(self.sentinel_port, "sentinel", "replicas", name)
+            ),
+            timeout,
+            message="the Sentinel to know the replica",
+        )
+        return self
+
+    def master_port(self) -> int | None:
+        """The port of the master as the Sentinel sees it now."""
+        reply = _command(
+            self.sentinel_port, "sentinel", "get-master-addr-by-name", self.master_name
+        )
+        lines = reply.split()
+        return int(lines[1]) if len(lines) == 2 else None
+
+    def kill_master(self) -> None:
+        """``kill -9`` the master (the replica is promoted after the Sentinel's timeout)."""
+        self.master.kill()
+
+    def wait_promoted(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Wait until the Sentinel names the replica as the master and it accepts writes."""
+        wait_for(
+            lambda: (
+                self.master_port() == self.replica.port
+                and "role:master" in _command(self.replica.port, "info", "replication")
+            ),
+            timeout,
+            message="the Sentinel to promote the replica",
+        )
+
+    def close(self) -> None:
+        if self.sentinel is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.sentinel.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.sentinel.wait(DEFAULT_TIMEOUT)
+        self.master.close()
+        self.replica.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -487,3 +658,24 @@ def reliable_dead_letters() -> DeadLetterProbe:
     """A :class:`DeadLetterProbe`: ``reliable_dead_letters(app)`` lists every dead letter;
     ``.wait(app, task_id, reason=...)`` waits for one; ``.assert_none(app)``."""
     return DeadLetterProbe()
+
+
+@pytest.fixture(scope="session")
+def reliable_redis_cluster() -> Iterator[RedisClusterServers]:
+    """A three-master Redis Cluster for the test session (``.url()`` is its store URL)."""
+    cluster = RedisClusterServers().start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def reliable_redis_sentinel() -> Iterator[RedisSentinelSetup]:
+    """A master, its replica and a Sentinel, fresh for each test (a test may kill the
+    master): ``.url(db)`` and ``.master_name`` configure the store."""
+    setup = RedisSentinelSetup().start()
+    try:
+        yield setup
+    finally:
+        setup.close()

@@ -14,7 +14,14 @@ from celery import Celery
 import celery_reliable
 from celery_reliable import ConfigurationError, ReliableTask, Settings
 from celery_reliable.admission.breaker import BreakerSpec, outcome_kind
-from celery_reliable.admission.extension import breaker_key, bucket_key, copy_key, validate_tasks
+from celery_reliable.admission.extension import (
+    breaker_index_key,
+    breaker_key,
+    bucket_index_key,
+    bucket_key,
+    copy_key,
+    validate_tasks,
+)
 from celery_reliable.admission.ratelimit import BucketSpec, default_burst, parse_rate
 from celery_reliable.admission.scripts import ADMIT, BREAKER_REPORT
 from celery_reliable.core.store import RedisStore
@@ -127,9 +134,11 @@ def admit(
         US,
         kw.get("copy", ""),
         kw.get("short", 0),
+        bucket or "",
+        600 * US,
     ]
     if bucket:
-        keys.append(bucket_key(store, bucket))
+        keys += [bucket_key(store, bucket), bucket_index_key(store)]
         argv[0:3] = ["1", kw.get("interval", 100_000), kw.get("burst", 2)]
     if breaker:
         keys.append(breaker_key(store, breaker))
@@ -138,7 +147,8 @@ def admit(
 
 
 def report(store: RedisStore, breaker: str, kind: str, task_id: str, fail_max: int = 2) -> Any:
-    return store.run(BREAKER_REPORT, [breaker_key(store, breaker)], [kind, task_id, fail_max])
+    keys = [breaker_key(store, breaker), breaker_index_key(store)]
+    return store.run(BREAKER_REPORT, keys, [kind, task_id, fail_max, breaker])
 
 
 def test_bucket_reserves_consecutive_slots_one_interval_apart(store: RedisStore) -> None:

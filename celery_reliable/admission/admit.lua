@@ -2,12 +2,14 @@
 -- One call per task start; nothing is written unless the answer is "run" or a reservation.
 -- A bucket hash expires a minute after it is full again (an absent bucket is a full one).
 -- KEYS[1]: the task's live-copy key (token of its newest deferred copy), then the bucket
---   hash (fields tat, sat, interval, burst) when ARGV[1]=='1', then the breaker hash
+--   hash (fields tat, sat, interval, burst) and the bucket index (ZSET bucket name -> last
+--   use, read by `celery reliable status`) when ARGV[1]=='1', then the breaker hash
 --   (fields state, fails, opened_at, probe, probe_until) when ARGV[5]=='1'.
 -- ARGV: 1 has_bucket, 2 interval_us, 3 burst, 4 held slot_us (0: none), 5 has_breaker,
 --   6 reset_timeout_us, 7 probe lease_us, 8 task id, 9 max reservation_us,
 --   10 half-open recheck_us, 11 this message's copy token ('' for the first publish),
---   12 short wait_us (a bucket wait up to this long is slept by the caller, not deferred)
+--   12 short wait_us (a bucket wait up to this long is slept by the caller, not deferred),
+--   13 bucket name (its index member), 14 index horizon_us (buckets idle longer leave it)
 -- Returns {verdict, wait_us, slot_us, breaker state, probe (0/1), fails, transition}
 --   ('run' with wait_us > 0: the start is booked; sleep that long, then start)
 --   verdict: 'run' | 'bucket' | 'breaker' | 'stale' (a newer copy of the task exists: an
@@ -16,7 +18,7 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local has_bucket, has_breaker = ARGV[1] == '1', ARGV[5] == '1'
-local rk, bk = KEYS[2], KEYS[#KEYS]
+local rk, ik, bk = KEYS[2], KEYS[3], KEYS[#KEYS]
 local state, probe, fails, trans, wait = 'closed', 0, 0, '', 0
 local live = redis.call('GET', KEYS[1])
 if live and live ~= ARGV[11] then return {'stale', 0, 0, state, 0, 0, ''} end
@@ -49,6 +51,8 @@ if has_bucket then
     tat = tat + interval
     redis.call('HSET', rk, 'tat', tat, 'interval', interval, 'burst', burst)
   end
+  redis.call('ZADD', ik, now, ARGV[13])
+  redis.call('ZREMRANGEBYSCORE', ik, '-inf', now - tonumber(ARGV[14]))
   local start_at = math.max(held, sat + interval - burst * interval)
   if start_at - now > tonumber(ARGV[12]) then
     redis.call('PEXPIRE', rk, math.floor((math.max(tat, sat) - now) / 1000) + 60000)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,13 @@ OUTAGE_LOG_INTERVAL = 10.0
 #: Hash tag shared by every admission key, so one script can read a bucket and a breaker
 #: together (on Redis Cluster they all live in one slot; each is one small hash).
 TAG = "{adm}"
+#: A bucket unused for this many seconds leaves the index ``status`` reads (its hash has
+#: expired by then: a full bucket is forgotten a minute after its last reservation).
+BUCKET_INDEX_HORIZON = MAX_RESERVATION_SECONDS + 300.0
+#: ``celery reliable status`` shows at most this many buckets (the ones used last).
+STATUS_BUCKETS = 100
+#: ... and at most this many breakers (the ones reported to last).
+STATUS_BREAKERS = 1000
 
 _US = 1_000_000
 
@@ -90,6 +98,16 @@ def bucket_key(store: RedisStore, bucket: str) -> str:
 
 def breaker_key(store: RedisStore, name: str) -> str:
     return store.key(TAG, "breaker", name)
+
+
+def bucket_index_key(store: RedisStore) -> str:
+    """ZSET bucket name -> last use (µs): what ``status`` reads instead of scanning."""
+    return store.key(TAG, "buckets")
+
+
+def breaker_index_key(store: RedisStore) -> str:
+    """ZSET breaker name -> last report (µs): what ``status`` reads instead of scanning."""
+    return store.key(TAG, "breakers")
 
 
 def copy_key(store: RedisStore, task_id: str) -> str:
@@ -130,14 +148,16 @@ class AdmissionExtension:
         headers = request.headers or {}
         keys: list[str] = [copy_key(store, request.id)]
         # ARGV of admit.lua by position (see its header); filled in per feature below
-        argv: list[Any] = ["0", 0, 0, 0, "0", 0, 0, request.id, 0, 0, "", 0]
+        argv: list[Any] = ["0", 0, 0, 0, "0", 0, 0, request.id, 0, 0, "", 0, "", 0]
         argv[10] = headers.get(COPY_HEADER, "")
         if spec.bucket is not None:
-            keys.append(bucket_key(store, spec.bucket.bucket_name(args, kwargs, task)))
+            bucket = spec.bucket.bucket_name(args, kwargs, task)
+            keys += [bucket_key(store, bucket), bucket_index_key(store)]
             held = headers.get(SLOT_HEADER) or 0
             argv[0:4] = ["1", spec.bucket.interval_us, spec.bucket.burst, int(held)]
             argv[8] = int(MAX_RESERVATION_SECONDS * _US)
             argv[11] = int(SHORT_WAIT_SECONDS * _US)
+            argv[12:14] = [bucket, int(BUCKET_INDEX_HORIZON * _US)]
         if spec.breaker is not None:
             keys.append(breaker_key(store, spec.breaker.name))
             argv[4:7] = [
@@ -188,8 +208,8 @@ class AdmissionExtension:
         try:
             state, fails, opened_at, trans = store.run(
                 BREAKER_REPORT,
-                [breaker_key(store, spec.name)],
-                [kind, task.request.id, spec.fail_max],
+                [breaker_key(store, spec.name), breaker_index_key(store)],
+                [kind, task.request.id, spec.fail_max, spec.name],
             )
         except redis.RedisError as exc:
             instruments.store_error("breaker_report")
@@ -322,22 +342,30 @@ def install(app: Any) -> None:
     app.on_after_finalize.connect(on_finalize, weak=False)
 
 
-def _scan_hashes(app: Any, kind: str) -> dict[str, tuple[dict[str, Any], int]]:
+def _indexed_hashes(
+    app: Any, index: str, key_of: Callable[[RedisStore, str], str], limit: int
+) -> dict[str, tuple[dict[str, Any], int]]:
+    """The hashes an index names (the ``limit`` used last), read in one pipeline."""
     store = store_for(app)
     client = store.client
-    prefix = store.key(TAG, kind, "")
     seconds, micros = client.time()
     now = int(seconds) * _US + int(micros)
+    names: list[str] = list(client.zrevrange(index, 0, limit - 1))  # type: ignore[arg-type]
+    batch = store.pipeline()
+    for name in names:
+        batch.command("hgetall", key_of(store, name))
     out: dict[str, tuple[dict[str, Any], int]] = {}
-    for key in client.scan_iter(match=prefix.replace("{", "\\{").replace("}", "\\}") + "*"):
-        fields: dict[str, Any] = dict(client.hgetall(key))  # type: ignore[arg-type]
-        out[str(key)[len(prefix) :]] = (fields, now)
+    for name, fields in zip(names, batch.execute(), strict=True):
+        if fields:  # an expired bucket that has not left the index yet
+            out[name] = (dict(fields), now)
     return out
 
 
 def breakers_status(app: Any) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for name, (h, now) in sorted(_scan_hashes(app, "breaker").items()):
+    store = store_for(app)
+    breakers = _indexed_hashes(app, breaker_index_key(store), breaker_key, STATUS_BREAKERS)
+    for name, (h, now) in sorted(breakers.items()):
         opened = int(h.get("opened_at") or 0)
         out[name] = {
             "state": h.get("state", "closed"),
@@ -353,7 +381,9 @@ def breakers_status(app: Any) -> dict[str, dict[str, Any]]:
 
 def buckets_status(app: Any) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for name, (h, now) in sorted(_scan_hashes(app, "bucket").items()):
+    store = store_for(app)
+    buckets = _indexed_hashes(app, bucket_index_key(store), bucket_key, STATUS_BUCKETS)
+    for name, (h, now) in sorted(buckets.items()):
         interval, burst = int(h.get("interval") or 1), int(h.get("burst") or 1)
         tat = int(h.get("tat") or now)
         tokens = (now - (tat - burst * interval)) / interval

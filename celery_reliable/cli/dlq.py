@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import functools
+import json
+import signal
+import sys
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
-import redis
 from celery.bin.base import CeleryCommand
-from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 
 from ..deadletters.record import DeadLetter
-from ..deadletters.store import DeadLetterStore
+from ..deadletters.store import PAGE_SIZE, DeadLetterStore
 from ..errors import DeadLetterNotFound, UnknownTaskError
-from .group import app_of, emit_json
+from .group import app_of, clear_errors, emit_json
 
 #: Entries ``dlq list`` shows when no ``--limit`` is given.
 DEFAULT_LIST_LIMIT = 50
@@ -28,27 +28,9 @@ ELLIPSIS = "\u2026"
 TIME_FIELDS = ("failed_at",)
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _clear_errors(command: F) -> F:
-    """Turn Redis and broker errors into one line on stderr and exit code 1."""
-
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except redis.RedisError as exc:
-            ctx = click.get_current_context()
-            url = maybe_sanitize_url(_store(ctx).settings.redis_url)
-            raise click.ClickException(f"dead-letter store at {url}: {exc}") from None
-        except OperationalError as exc:
-            raise click.ClickException(
-                f"could not publish to the broker: {exc}; "
-                "entries that were not replayed are still in the store"
-            ) from None
-
-    return run  # type: ignore[return-value]
+#: What a broker error adds for ``replay``: nothing was lost.
+_NOT_REPLAYED = "; entries that were not replayed are still in the store"
+_clear_errors = clear_errors("dead-letter store", _NOT_REPLAYED)
 
 
 @click.group(name="dlq")
@@ -90,24 +72,39 @@ def _selection(ids: tuple[str, ...], all_: bool, task: str | None) -> None:
 @click.pass_context
 @_clear_errors
 def list_(ctx: click.Context, task: str | None, limit: int, as_json: bool, **kwargs: Any) -> None:
-    """Dead letters, newest first."""
+    """Dead letters, newest first (read and printed a page of 500 at a time)."""
     store = _store(ctx)
-    entries = store.list(task=task, limit=limit)
+    store.trim()
+    entries = store.iter_entries(task=task, limit=limit)
     if as_json:
-        emit_json([e.to_dict() for e in entries])
+        _stream_json_list(e.to_dict() for e in entries)
         return
-    if not entries:
-        click.echo("no dead letters")
-        return
-    click.echo(f"{'ID':<38} {'FAILED AT':<19} {'REASON':<16} {'TASK':<30} ERROR")
+    shown = 0
     for e in entries:
+        if not shown:
+            click.echo(f"{'ID':<38} {'FAILED AT':<19} {'REASON':<16} {'TASK':<30} ERROR")
+        shown += 1
         error = cut(f"{e.exception}: {e.error}", ERROR_COLUMN_WIDTH)
         click.echo(f"{e.id:<38} {_when(e.failed_at):<19} {e.reason:<16} {e.task!s:<30} {error}")
+    if not shown:
+        click.echo("no dead letters")
+        return
     stats = store.stats()
     click.echo(
-        f"\n{len(entries)} shown, {stats['count']} stored, "
+        f"\n{shown} shown, {stats['count']} stored, "
         f"{stats['dropped']} dropped (capacity), {stats['expired']} expired (ttl)"
     )
+
+
+def _stream_json_list(items: Iterator[dict[str, Any]]) -> None:
+    """Print one JSON list, an item at a time (the same document ``emit_json`` makes)."""
+    out = sys.stdout
+    first = True
+    for item in items:
+        text = json.dumps(item, indent=2, sort_keys=True, default=repr)
+        out.write(("[\n" if first else ",\n") + "\n".join("  " + ln for ln in text.splitlines()))
+        first = False
+    out.write("[]\n" if first else "\n]\n")
 
 
 def _show_text(e: DeadLetter) -> None:
@@ -139,6 +136,55 @@ def show(ctx: click.Context, entry_id: str, as_json: bool, **kwargs: Any) -> Non
         _show_text(entry)
 
 
+class _Progress:
+    """Progress of a long replay or purge, on stderr: click's progress bar on a terminal,
+    else one line per :data:`~celery_reliable.deadletters.store.PAGE_SIZE` entries."""
+
+    def __init__(self, verb: str, total: int | None) -> None:
+        self.verb = verb
+        self.total = total
+        self.done = 0
+        self._bar: Any = None
+        if sys.stderr.isatty():
+            self._bar = click.progressbar(length=total, label=verb, file=sys.stderr)
+            self._bar.__enter__()
+
+    def advance(self, done: int) -> None:
+        step, self.done = done - self.done, done
+        if self._bar is not None:
+            self._bar.update(step)
+        elif done % PAGE_SIZE == 0 or done == self.total:
+            of = f" of {self.total}" if self.total is not None else ""
+            click.echo(f"{self.verb} {done}{of}", err=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
+@contextmanager
+def _interruptible() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C (or SIGTERM) asks the operation to stop after the entry in hand, so every
+    entry is either done whole or left in the store; a second Ctrl-C stops at once."""
+    asked: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def ask(signum: int, frame: Any) -> None:
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+        click.echo("stopping after the entry in hand (Ctrl-C again to stop now)", err=True)
+
+    for sig in previous:
+        signal.signal(sig, ask)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 @dlq.command(name="replay", cls=CeleryCommand)
 @click.argument("ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Replay every dead letter.")
@@ -156,27 +202,51 @@ def replay(
     as_json: bool,
     **kwargs: Any,
 ) -> None:
-    """Re-publish dead letters as new tasks and remove them from the store."""
+    """Re-publish dead letters as new tasks and remove them from the store.
+
+    Each entry is removed right after its own publish, oldest first: an interrupted run
+    leaves what it did not replay, and the same command run again continues from there.
+    """
     _selection(ids, all_, task)
+    store = _store(ctx)
+    verb = "would replay" if dry_run else "replayed"
+    many = all_ or task is not None
+    progress = _Progress(verb, store.count() if all_ else None) if many else None
+    done: list[dict[str, Any]] = []
+    count = 0
     try:
-        done = _store(ctx).replay(ids, all=all_, task=task, dry_run=dry_run)
+        with _interruptible() as stop:
+            for r in store.replay_iter(ids, all=all_, task=task, dry_run=dry_run, stop=stop):
+                count += 1
+                if as_json:
+                    done.append(
+                        {
+                            "id": r.entry_id,
+                            "task": r.task,
+                            "new_task_id": r.new_task_id,
+                            "sent": r.sent,
+                        }
+                    )
+                elif not many:
+                    click.echo(f"{verb} {r.entry_id} -> {r.task}[{r.new_task_id}]")
+                if progress is not None:
+                    progress.advance(count)
+            stopped = stop()
     except (DeadLetterNotFound, UnknownTaskError) as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        if progress is not None:
+            progress.close()
     if as_json:
-        emit_json(
-            {
-                "dry_run": dry_run,
-                "replayed": [
-                    {"id": r.entry_id, "task": r.task, "new_task_id": r.new_task_id, "sent": r.sent}
-                    for r in done
-                ],
-            }
+        emit_json({"dry_run": dry_run, "replayed": done, "interrupted": stopped})
+    else:
+        left = f"; {store.count()} dead letters left in the store" if many else ""
+        click.echo(f"{count} {verb}{left}")
+    if stopped:
+        raise click.ClickException(
+            f"interrupted after {count} {verb}; run the same command again to continue "
+            "(nothing replayed is in the store any more, so nothing is replayed twice)"
         )
-        return
-    verb = "would replay" if dry_run else "replayed"
-    for r in done:
-        click.echo(f"{verb} {r.entry_id} -> {r.task}[{r.new_task_id}]")
-    click.echo(f"{len(done)} {verb}")
 
 
 @dlq.command(name="purge", cls=CeleryCommand)
@@ -196,7 +266,7 @@ def purge(
     as_json: bool,
     **kwargs: Any,
 ) -> None:
-    """Delete dead letters."""
+    """Delete dead letters (500 per Redis call, oldest first, for --all and --task)."""
     _selection(ids, all_, task)
     store = _store(ctx)
     if not yes:
@@ -206,8 +276,24 @@ def purge(
             else (f"every dead letter of {task}" if task else f"{len(ids)} dead letter(s)")
         )
         click.confirm(f"Delete {what}? There is no undo", abort=True)
-    removed = store.purge(ids, all=all_, task=task)
+    many = all_ or task is not None
+    progress = _Progress("purged", store.count() if all_ else None) if many else None
+    try:
+        with _interruptible() as stop:
+            removed = store.purge(
+                ids,
+                all=all_,
+                task=task,
+                progress=progress.advance if progress is not None else None,
+                stop=stop,
+            )
+            stopped = stop()
+    finally:
+        if progress is not None:
+            progress.close()
     if as_json:
         emit_json({"purged": removed})
     else:
         click.echo(f"purged {removed}")
+    if stopped:
+        raise click.ClickException(f"interrupted after {removed} purged")

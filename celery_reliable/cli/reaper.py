@@ -20,7 +20,7 @@ from celery.bin.base import CeleryCommand, CeleryOption
 from ..metrics.cluster import ReaperExporter
 from ..orphans.reaper import Reaper
 from ..status import cluster_view
-from .group import app_of, emit_json
+from .group import app_of, clear_errors, emit_json
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ LOG_FORMAT = "[%(asctime)s: %(levelname)s/reaper] %(message)s"
     help="Logging level.",
 )
 @click.pass_context
+@clear_errors()
 def reliable_reaper(
     ctx: click.Context,
     interval: float | None,

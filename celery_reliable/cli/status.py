@@ -11,7 +11,7 @@ import click
 from celery.bin.base import CeleryCommand
 
 from ..status import collect
-from .group import app_of, emit_json
+from .group import app_of, clear_errors, emit_json
 
 
 def _text(value: Any) -> str:
@@ -26,6 +26,7 @@ def _text(value: Any) -> str:
 @click.command(name="status", cls=CeleryCommand)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
+@clear_errors()
 def status(ctx: click.Context, as_json: bool, **kwargs: Any) -> None:
     """Workers, in-flight counts, breakers, buckets, ordered keys, dead letters."""
     app = app_of(ctx)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote
+
+from kombu.utils.url import maybe_sanitize_url
 
 from ..errors import ConfigurationError
 
@@ -51,7 +54,6 @@ DEFAULT_FAIL_OPEN = True
 
 ENV_PREFIX = "CELERY_RELIABLE_"
 CONF_PREFIX = "reliable_"
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -61,7 +63,8 @@ class Settings:
     """All ``reliable_*`` settings of one app, typed and validated.
 
     Parameters:
-      redis_url: coordination store (``redis://``, ``rediss://`` for TLS, ``unix://``).
+      redis_url: coordination store: ``redis://``, ``rediss://`` (TLS), ``unix://``,
+        ``redis+cluster://`` / ``rediss+cluster://`` (Redis Cluster) or ``sentinel://``.
       key_prefix: prefix of every key written.
       heartbeat_interval: seconds between worker heartbeats.
       worker_timeout: a worker silent for longer is dead.
@@ -76,6 +79,7 @@ class Settings:
       ordering_gap_timeout: seconds before a never-published sequence number is skipped.
       embedded_reaper: run the reaper inside workers too (leader-elected).
       fail_open: rate limits and breakers let tasks run while Redis is unreachable.
+      redis_sentinel_master: the master's name when ``redis_url`` is ``sentinel://``.
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -93,6 +97,7 @@ class Settings:
     ordering_gap_timeout: float = DEFAULT_ORDERING_GAP_TIMEOUT
     embedded_reaper: bool = False
     fail_open: bool = DEFAULT_FAIL_OPEN
+    redis_sentinel_master: str | None = None
 
     @classmethod
     def from_app(cls, app: Any, environ: Mapping[str, str] | None = None) -> Settings:
@@ -121,8 +126,6 @@ class Settings:
             from_env = env.get(env_name, "") != ""
             raw = env[env_name] if from_env else app.conf.get(conf_name)
             if raw is None:
-                if f.name == "redis_url":
-                    values[f.name] = default_redis_url(app)
                 continue
             try:
                 values[f.name] = _CONVERTERS[f.name](conf_name, raw)
@@ -132,9 +135,19 @@ class Settings:
                 raise ConfigurationError(
                     conf_name, f"{exc.problem} (from environment variable {env_name})"
                 ) from None
+        if "redis_url" not in values:
+            given = values.get("redis_sentinel_master")
+            values["redis_url"], master = store_url_from_broker(app, given)
+            if master is not None and given is None:
+                values["redis_sentinel_master"] = master
         settings = cls(**values)
         settings.validate()
         return settings
+
+    @property
+    def store_address(self) -> StoreAddress:
+        """``redis_url``, parsed: one server, a cluster, or Sentinel."""
+        return parse_store_url(self.redis_url)
 
     def validate(self) -> None:
         """Check cross-field rules; raise ConfigurationError naming the setting."""
@@ -145,6 +158,19 @@ class Settings:
                 f"({self.worker_timeout} <= {self.heartbeat_interval}); "
                 "otherwise live workers would be declared dead",
             )
+        address = self.store_address
+        if address.kind == "sentinel" and not self.redis_sentinel_master:
+            raise ConfigurationError(
+                "reliable_redis_sentinel_master",
+                f"required with a sentinel:// store ({_sanitized(self.redis_url)}): "
+                "the name of the master the Sentinels watch",
+            )
+        if address.kind != "sentinel" and self.redis_sentinel_master:
+            raise ConfigurationError(
+                "reliable_redis_sentinel_master",
+                f"only used with a sentinel:// reliable_redis_url, which is "
+                f"{_sanitized(self.redis_url)}",
+            )
 
 
 def _hint(name: str, known: set[str]) -> str:
@@ -153,12 +179,191 @@ def _hint(name: str, known: set[str]) -> str:
     return f"; did you mean {CONF_PREFIX}{close[0]}?" if close else ""
 
 
-def default_redis_url(app: Any) -> str:
-    """The broker URL when it is a Redis URL, else :data:`DEFAULT_REDIS_URL`."""
+def store_url_from_broker(app: Any, master: str | None = None) -> tuple[str, str | None]:
+    """The store URL (and Sentinel master name) to use when ``reliable_redis_url`` is unset.
+
+    A ``redis://``, ``rediss://`` or ``unix://`` broker is reused as it is (its first URL
+    when several are given for failover). A ``sentinel://`` broker is followed: the same
+    Sentinels and ``broker_transport_options["master_name"]``. A non-Redis broker gives
+    :data:`DEFAULT_REDIS_URL`. ``master`` is ``reliable_redis_sentinel_master`` when set
+    (it then wins over the broker's master name).
+
+    Raises:
+        ConfigurationError: the broker is Redis but cannot serve as the store (kombu's
+            ``redis+socket://``, or Sentinel without a master name): set
+            ``reliable_redis_url``.
+    """
     broker = app.conf.broker_url
-    if isinstance(broker, str) and urlparse(broker.split(";")[0]).scheme in _REDIS_SCHEMES:
-        return broker.split(";")[0]
-    return DEFAULT_REDIS_URL
+    if not isinstance(broker, str) or "://" not in broker:
+        return DEFAULT_REDIS_URL, None
+    first = broker.split(";")[0].strip()
+    scheme = first.split("://", 1)[0].lower()
+    if scheme in STANDALONE_SCHEMES:
+        return first, None
+    if scheme == SENTINEL_SCHEME:
+        options = app.conf.broker_transport_options or {}
+        master = master or options.get("master_name")
+        if not master:
+            raise ConfigurationError(
+                "reliable_redis_url",
+                f"the broker {_sanitized(broker)} is Sentinel but "
+                'broker_transport_options["master_name"] is not set, so the store cannot '
+                "follow it: set reliable_redis_url (and reliable_redis_sentinel_master)",
+            )
+        parse_store_url(broker, "broker_url")
+        return broker, str(master) if master else None
+    if scheme in UNREUSABLE_BROKER_SCHEMES or scheme.startswith("redis"):
+        raise ConfigurationError(
+            "reliable_redis_url",
+            f"the broker {_sanitized(broker)} cannot serve as the coordination "
+            "store: set reliable_redis_url (e.g. unix:///run/redis.sock?db=1 or "
+            "redis://host:6379/1)",
+        )
+    return DEFAULT_REDIS_URL, None
+
+
+# --- store addresses: reliable_redis_url, parsed once (redis, cluster or sentinel) ---
+
+#: URL schemes of one Redis server (``unix://`` is a socket path).
+STANDALONE_SCHEMES = ("redis", "rediss", "unix")
+#: URL schemes of Redis Cluster (``rediss+cluster`` with TLS): seed nodes, comma-separated.
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: URL scheme of Redis Sentinel: ``sentinel://HOST:PORT[;sentinel://HOST:PORT...]``.
+SENTINEL_SCHEME = "sentinel"
+#: Port of a cluster node when its URL names none.
+DEFAULT_REDIS_PORT = 6379
+#: Port of a Sentinel when its URL names none.
+DEFAULT_SENTINEL_PORT = 26379
+#: Broker URL schemes of kombu's Redis transport that name no reusable server
+#: (a unix socket in kombu's own syntax): set ``reliable_redis_url`` explicitly.
+UNREUSABLE_BROKER_SCHEMES = ("redis+socket", "socket")
+
+
+@dataclass(frozen=True)
+class StoreAddress:
+    """Where the coordination store lives, as parsed from ``reliable_redis_url``.
+
+    Parameters:
+      kind: ``standalone`` (one server: ``redis://``, ``rediss://``, ``unix://``),
+        ``cluster`` (Redis Cluster) or ``sentinel`` (a master found through Sentinel).
+      url: the URL as configured.
+      nodes: cluster seed nodes or sentinels, ``(host, port)``; empty for standalone.
+      username, password: credentials of the Redis servers (not of the sentinels).
+      db: database number (always 0 on a cluster).
+      ssl: TLS to the cluster nodes.
+
+    Examples:
+        >>> parse_store_url("redis+cluster://:s3cret@10.0.0.1:7000,10.0.0.2:7000/").nodes
+        (('10.0.0.1', 7000), ('10.0.0.2', 7000))
+    """
+
+    kind: str
+    url: str
+    nodes: tuple[tuple[str, int], ...] = ()
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+    ssl: bool = False
+
+
+def _sanitized(url: str) -> str:
+    """``url`` with its password masked, for messages (even when the URL is malformed)."""
+    try:
+        return str(maybe_sanitize_url(url))
+    except ValueError:
+        return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1**@", url)
+
+
+def parse_store_url(url: str, source: str = "reliable_redis_url") -> StoreAddress:
+    """Parse a store URL; raise :class:`ConfigurationError` naming ``source`` if it is bad."""
+    if not isinstance(url, str):
+        raise ConfigurationError(source, f"expected a URL string, got {url!r}")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in STANDALONE_SCHEMES:
+        return StoreAddress("standalone", url)
+    if scheme in CLUSTER_SCHEMES:
+        return _cluster_address(url, source, ssl=scheme.startswith("rediss"))
+    if scheme == SENTINEL_SCHEME:
+        return _sentinel_address(url, source)
+    raise ConfigurationError(
+        source,
+        "expected a redis://, rediss://, unix://, redis+cluster://, rediss+cluster:// or "
+        f"sentinel:// URL, got {_sanitized(url)!r}",
+    )
+
+
+def _host_port(text: str, default_port: int, source: str, url: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if not sep:
+        host, port = text, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigurationError(source, f"bad HOST:PORT {text!r} in {_sanitized(url)!r}")
+    return host, int(port)
+
+
+def _db(path: str, source: str, url: str) -> int:
+    path = path.strip("/")
+    if not path:
+        return 0
+    if not path.isdigit():
+        raise ConfigurationError(
+            source,
+            f"expected a database number after '/', got {path!r} in {_sanitized(url)!r}",
+        )
+    return int(path)
+
+
+def _split(url: str, source: str) -> tuple[str | None, str | None, str, str]:
+    """``(username, password, hosts, path)`` of ``scheme://[user:pass@]hosts[/path]``."""
+    rest = url.split("://", 1)[1]
+    if "?" in rest:
+        raise ConfigurationError(source, f"query options are not supported in {_sanitized(url)!r}")
+    hosts, _, path = rest.partition("/")
+    username = password = None
+    if "@" in hosts:
+        userinfo, _, hosts = hosts.rpartition("@")
+        user, has_pw, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if has_pw else None
+    return username, password, hosts, path
+
+
+def _cluster_address(url: str, source: str, ssl: bool) -> StoreAddress:
+    username, password, hosts, path = _split(url, source)
+    nodes = tuple(
+        _host_port(h.strip(), DEFAULT_REDIS_PORT, source, url)
+        for h in hosts.split(",")
+        if h.strip()
+    )
+    if not nodes:
+        raise ConfigurationError(
+            source, f"a cluster URL needs at least one HOST:PORT, got {_sanitized(url)!r}"
+        )
+    if _db(path, source, url) != 0:
+        raise ConfigurationError(
+            source, f"Redis Cluster has only database 0, got {_sanitized(url)!r}"
+        )
+    return StoreAddress("cluster", url, nodes, username, password, 0, ssl)
+
+
+def _sentinel_address(url: str, source: str) -> StoreAddress:
+    nodes: list[tuple[str, int]] = []
+    username = password = None
+    db: int | None = None
+    for part in (p.strip() for p in url.split(";")):
+        if not part:
+            continue
+        if not part.lower().startswith(SENTINEL_SCHEME + "://"):
+            raise ConfigurationError(
+                source,
+                f"every part of a Sentinel URL starts with sentinel://, got {_sanitized(part)!r}",
+            )
+        user, pw, hosts, path = _split(part, source)
+        nodes.append(_host_port(hosts, DEFAULT_SENTINEL_PORT, source, url))
+        username, password = username or user, password or pw
+        if db is None and path.strip("/"):
+            db = _db(path, source, url)
+    return StoreAddress("sentinel", url, tuple(nodes), username, password, db or 0)
 
 
 # --- converters: (source name, raw value) -> typed value, raising ConfigurationError ---
@@ -213,11 +418,14 @@ def _bool(source: str, raw: Any) -> bool:
 
 
 def _redis_url(source: str, raw: Any) -> str:
-    if not isinstance(raw, str) or urlparse(raw).scheme not in _REDIS_SCHEMES:
-        raise ConfigurationError(
-            source, f"expected a redis://, rediss:// or unix:// URL, got {raw!r}"
-        )
-    return raw
+    parse_store_url(raw, source)
+    return str(raw)
+
+
+def _sentinel_master(source: str, raw: Any) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise ConfigurationError(source, f"expected a master name, got {raw!r}")
+    return raw.strip()
 
 
 def _key_prefix(source: str, raw: Any) -> str:
@@ -244,4 +452,5 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "ordering_gap_timeout": _positive_float,
     "embedded_reaper": _bool,
     "fail_open": _bool,
+    "redis_sentinel_master": _sentinel_master,
 }

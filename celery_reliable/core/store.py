@@ -1,13 +1,18 @@
 """The one Redis access layer: client, key names and Lua scripts.
 
 Every module talks to Redis through :class:`RedisStore`. It builds the client from
-``reliable_redis_url`` (``redis://``, ``rediss://`` with TLS, passwords in the URL), names
+``reliable_redis_url`` (:func:`make_client`): one server (``redis://``, ``rediss://`` with
+TLS, ``unix://``), Redis Cluster (``redis+cluster://``, ``rediss+cluster://``) or the master
+that Sentinel names (``sentinel://`` with ``reliable_redis_sentinel_master``). It names
 keys under ``reliable_key_prefix`` and loads the Lua scripts that live as ``.lua`` files
 beside the module that uses them (:class:`Lua`). Scripts run through EVALSHA and are
-re-loaded transparently when Redis answers NOSCRIPT (after a restart or ``SCRIPT FLUSH``).
+re-loaded transparently when Redis answers NOSCRIPT (after a restart, a failover or
+``SCRIPT FLUSH``).
 
-Keys that one script touches together share a ``{hash tag}`` so scripts also run on Redis
-Cluster: ``<prefix>:{dlq}:index``, ``<prefix>:{dlq}:entries``...
+Keys that one script touches together share a ``{hash tag}`` so every script runs on Redis
+Cluster: ``<prefix>:{dlq}:index``, ``<prefix>:{dlq}:entries``... Several scripts sent in
+one round trip go through :class:`ScriptPipeline`, which works on a cluster too (redis-py
+refuses scripts in a cluster pipeline; this one sends plain EVALSHA commands).
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from importlib import resources
 from typing import Any
 
 import redis
+from kombu.utils.url import maybe_sanitize_url
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
+from redis.exceptions import ClusterError, NoScriptError, RedisClusterException
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
-from ..core.config import Settings
+from ..core.config import Settings, parse_store_url
 from .state import settings_of
 
 logger = logging.getLogger(__name__)
@@ -43,20 +52,81 @@ RETRY_BACKOFF_CAP = 1.0
 HEALTH_CHECK_INTERVAL = 10
 
 
-def make_client(url: str) -> redis.Redis:
-    """A redis-py client for ``url`` that retries transient connection errors."""
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=SOCKET_CONNECT_TIMEOUT,
-        socket_timeout=SOCKET_TIMEOUT,
-        health_check_interval=HEALTH_CHECK_INTERVAL,
-        retry=Retry(
-            ExponentialWithJitterBackoff(cap=RETRY_BACKOFF_CAP, base=RETRY_BACKOFF_BASE),
-            CONNECTION_RETRIES,
-        ),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+def _retry() -> Retry:
+    return Retry(
+        ExponentialWithJitterBackoff(cap=RETRY_BACKOFF_CAP, base=RETRY_BACKOFF_BASE),
+        CONNECTION_RETRIES,
     )
+
+
+def _connection_options() -> dict[str, Any]:
+    """Options every connection of the store gets: timeouts, retries, decoded replies."""
+    return {
+        "decode_responses": True,
+        "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
+        "retry": _retry(),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's RedisCluster whose own errors are :class:`redis.RedisError` too.
+
+    RedisCluster raises ``RedisClusterException`` (not a RedisError) when no node answers
+    or a slot is not covered; every caller of the store catches RedisError to survive
+    outages, so those are re-raised as :class:`redis.exceptions.ClusterError`.
+    """
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterError(str(exc)) from exc
+
+
+#: Errors a store call may raise when Redis is unreachable or misbehaves: catch these.
+STORE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+
+
+def make_client(url: str, sentinel_master: str | None = None) -> Any:
+    """A redis-py client for ``url`` that retries transient connection errors.
+
+    ``redis://``, ``rediss://`` and ``unix://`` give a ``redis.Redis``;
+    ``redis+cluster://`` and ``rediss+cluster://`` a RedisCluster (:class:`ClusterClient`);
+    ``sentinel://`` a ``redis.Redis`` bound to the current master of ``sentinel_master``,
+    which follows a failover.
+
+    Raises:
+        redis.ConnectionError: a cluster whose seed nodes do not answer.
+    """
+    address = parse_store_url(url)
+    options = _connection_options()
+    if address.kind == "standalone":
+        return redis.Redis.from_url(url, **options)
+    auth: dict[str, Any] = {"username": address.username, "password": address.password}
+    if address.kind == "cluster":
+        options.pop("retry_on_error")
+        try:
+            return ClusterClient(
+                startup_nodes=[ClusterNode(h, p) for h, p in address.nodes],
+                ssl=address.ssl,
+                **auth,
+                **options,
+            )
+        except RedisClusterException as exc:
+            raise redis.ConnectionError(
+                f"Redis Cluster at {maybe_sanitize_url(url)}: {exc}"
+            ) from exc
+    sentinel = Sentinel(
+        list(address.nodes),
+        sentinel_kwargs={
+            "socket_connect_timeout": SOCKET_CONNECT_TIMEOUT,
+            "socket_timeout": SOCKET_CONNECT_TIMEOUT,
+        },
+    )
+    return sentinel.master_for(sentinel_master, db=address.db, **auth, **options)
 
 
 @dataclass(frozen=True)
@@ -95,7 +165,7 @@ class RedisStore:
         >>> store.run(DLQ_ADD, keys=[...], args=[...])
     """
 
-    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+    def __init__(self, settings: Settings, client: Any = None) -> None:
         self.settings = settings
         self.prefix = settings.key_prefix
         self._client = client
@@ -104,8 +174,24 @@ class RedisStore:
 
     @cached_property
     def client(self) -> redis.Redis:
-        """The redis-py client (fork-safe: redis-py resets its pool in a forked child)."""
-        return self._client if self._client is not None else make_client(self.settings.redis_url)
+        """The redis-py client (fork-safe: redis-py resets its pool in a forked child).
+
+        A ``redis.Redis``, or a RedisCluster for a cluster URL (the same commands; typed
+        as ``redis.Redis`` for the callers' sake).
+        """
+        if self._client is not None:
+            return self._client  # type: ignore[no-any-return]
+        settings = self.settings
+        return make_client(settings.redis_url, settings.redis_sentinel_master)  # type: ignore[no-any-return]
+
+    @property
+    def is_cluster(self) -> bool:
+        """True when the store is a Redis Cluster."""
+        return isinstance(self.client, RedisCluster)
+
+    def describe(self) -> str:
+        """The store's URL without its password (for messages)."""
+        return str(maybe_sanitize_url(self.settings.redis_url))
 
     def key(self, *parts: str) -> str:
         """``<prefix>:<part>:<part>...``; put ``{tag}`` parts where scripts need a slot."""
@@ -129,6 +215,64 @@ class RedisStore:
     def run(self, lua: Lua, keys: list[str], args: list[Any]) -> Any:
         """Run script ``lua`` with ``keys`` and ``args``; return its reply."""
         return self.script(lua)(keys=keys, args=args)
+
+    def pipeline(self) -> ScriptPipeline:
+        """Scripts and commands sent together (see :class:`ScriptPipeline`)."""
+        return ScriptPipeline(self)
+
+
+class ScriptPipeline:
+    """Scripts and plain commands sent in one round trip (one per node on a cluster).
+
+    redis-py's cluster pipeline refuses scripts; this one queues a plain EVALSHA there,
+    and runs a script again on its own when a node answers NOSCRIPT (a node that never
+    ran it, or restarted). Replies come back in the order the calls were queued; the
+    first error is raised after the whole batch ran.
+
+    Parameters:
+      store: the store whose client and scripts are used.
+
+    Examples:
+        >>> batch = store.pipeline()
+        >>> batch.run(ORD_START, keys, args)
+        >>> batch.command("zadd", index, {member: score})
+        >>> start_reply, _ = batch.execute()
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.cluster = store.is_cluster
+        self._pipe: Any = store.client.pipeline(transaction=False)
+        self._calls: list[tuple[Lua, list[str], list[Any]] | None] = []
+
+    def run(self, lua: Lua, keys: list[str], args: list[Any]) -> None:
+        """Queue script ``lua``."""
+        script = self.store.script(lua)
+        if self.cluster:
+            self._pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        else:
+            script(keys=keys, args=args, client=self._pipe)
+        self._calls.append((lua, keys, args))
+
+    def command(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """Queue one plain command (``command("zadd", key, {member: score})``)."""
+        getattr(self._pipe, name)(*args, **kwargs)
+        self._calls.append(None)
+
+    def execute(self) -> list[Any]:
+        """Send everything queued; the replies, in order."""
+        if not self._calls:
+            return []
+        if not self.cluster:
+            return list(self._pipe.execute())
+        replies = list(self._pipe.execute(raise_on_error=False))
+        for i, (call, reply) in enumerate(zip(self._calls, replies, strict=True)):
+            if call is not None and isinstance(reply, NoScriptError):
+                replies[i] = self.store.run(*call)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
 
 _stores: dict[tuple[int, int], RedisStore] = {}

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -239,7 +239,8 @@ class DeadLetterStore:
         return DeadLetter.from_json(cast(str, raw))
 
     def ids(self, task: str | None = None, limit: int | None = None) -> Iterator[str]:
-        """Ids, newest first, optionally only of task ``task``."""
+        """Ids, newest first, optionally only of task ``task`` (read :data:`PAGE_SIZE` at a
+        time)."""
         client = self.store.client
         start, yielded = 0, 0
         while limit is None or yielded < limit:
@@ -258,14 +259,66 @@ class DeadLetterStore:
                 if limit is not None and yielded >= limit:
                     return
 
+    def iter_entries(
+        self, task: str | None = None, limit: int | None = None
+    ) -> Iterator[DeadLetter]:
+        """Dead letters, newest first, read :data:`PAGE_SIZE` at a time (one HMGET of at most
+        that many ids per Redis call), so a long listing neither blocks Redis with one
+        large reply nor holds every entry in memory."""
+        page: builtins.list[str] = []
+        for entry_id in self.ids(task=task, limit=limit):
+            page.append(entry_id)
+            if len(page) >= PAGE_SIZE:
+                yield from self._fetch(page)
+                page = []
+        if page:
+            yield from self._fetch(page)
+
+    def _fetch(self, ids: builtins.list[str]) -> builtins.list[DeadLetter]:
+        raws = self.store.client.hmget(self.entries_key, ids)
+        return [DeadLetter.from_json(cast(str, r)) for r in raws if r is not None]
+
     def list(self, task: str | None = None, limit: int | None = 50) -> builtins.list[DeadLetter]:
         """Dead letters, newest first (after applying retention, see :meth:`trim`)."""
         self.trim()
-        ids = list(self.ids(task=task, limit=limit))
-        if not ids:
-            return []
-        raws = self.store.client.hmget(self.entries_key, ids)
-        return [DeadLetter.from_json(cast(str, r)) for r in raws if r is not None]
+        return builtins.list(self.iter_entries(task=task, limit=limit))
+
+    def task_names(self) -> set[str]:
+        """Names of the tasks that have dead letters (read with HSCAN, a page at a time)."""
+        client: Any = self.store.client
+        return {str(name) for _, name in client.hscan_iter(self.tasks_key, count=PAGE_SIZE)}
+
+    def id_batches(
+        self, task: str | None = None, size: int = PAGE_SIZE
+    ) -> Iterator[builtins.list[str]]:
+        """The ids stored when the call starts (only ``task``'s, if given), oldest first,
+        ``size`` at a time, for a caller that removes what it handled (replay, purge).
+
+        Only entries that failed no later than the newest entry at the start are read, so
+        a replayed task that fails again at once is not replayed again in the same run.
+        Entries the caller leaves in place (a dry run) are stepped over, never read twice.
+        """
+        client: Any = self.store.client
+        newest = client.zrevrange(self.index_key, 0, 0, withscores=True)
+        if not newest:
+            return
+        until, offset = newest[0][1], 0
+        while True:
+            page = cast(
+                builtins.list[str],
+                client.zrangebyscore(self.index_key, "-inf", until, start=offset, num=size),
+            )
+            if not page:
+                return
+            if task is not None:
+                names = client.hmget(self.tasks_key, page)
+                kept = [i for i, n in zip(page, names, strict=True) if n == task]
+                offset += len(page) - len(kept)
+                page = kept
+            if page:
+                yield page
+                left = client.zmscore(self.index_key, page)
+                offset += sum(1 for score in left if score is not None)
 
     # --- removing ---
 
@@ -297,13 +350,31 @@ class DeadLetterStore:
             )
         )
 
-    def purge(self, ids: Iterable[str] = (), *, all: bool = False, task: str | None = None) -> int:
-        """Delete the given ids, every entry (``all``), or every entry of ``task``."""
-        if all:
-            return self.remove(list(self.ids()))
-        if task is not None:
-            return self.remove(list(self.ids(task=task)))
-        return self.remove(ids)
+    def purge(
+        self,
+        ids: Iterable[str] = (),
+        *,
+        all: bool = False,
+        task: str | None = None,
+        progress: Callable[[int], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> int:
+        """Delete the given ids, every entry (``all``), or every entry of ``task``.
+
+        ``all`` and ``task`` delete :data:`PAGE_SIZE` entries per Redis call, oldest first,
+        calling ``progress(removed so far)`` after each batch and ending early when
+        ``stop()`` answers True.
+        """
+        if not all and task is None:
+            return self.remove(ids)
+        removed = 0
+        for batch in self.id_batches(task=task):
+            if stop is not None and stop():
+                break
+            removed += self._remove_batch(batch)
+            if progress is not None:
+                progress(removed)
+        return removed
 
     # --- replaying ---
 
@@ -330,24 +401,59 @@ class DeadLetterStore:
         The new task has the same name, arguments, custom headers and route, a new id and
         the header ``x-reliable-replayed-from: <entry id>``. Entries of tasks the app does
         not know are refused with :class:`UnknownTaskError` before anything is sent.
+        :meth:`replay_iter` does the same one entry at a time.
 
         Raises:
             DeadLetterNotFound: an explicit id is not in the store.
             UnknownTaskError: an entry names a task that is not registered.
         """
-        entries = [self.get(i) for i in self.select(ids, all=all, task=task)]
+        return builtins.list(self.replay_iter(ids, all=all, task=task, dry_run=dry_run))
+
+    def replay_iter(
+        self,
+        ids: Iterable[str] = (),
+        *,
+        all: bool = False,
+        task: str | None = None,
+        dry_run: bool = False,
+        stop: Callable[[], bool] | None = None,
+    ) -> Iterator[Replayed]:
+        """:meth:`replay`, streamed: entries are read :data:`PAGE_SIZE` at a time, oldest
+        first, and each is removed right after its own publish, so an interrupted run
+        leaves exactly the entries it did not replay; running it again continues without
+        replaying any entry twice. ``stop()`` is asked between two entries (the CLI's
+        Ctrl-C); when it answers True the run ends there.
+
+        Raises:
+            DeadLetterNotFound: an explicit id is not in the store (nothing was sent).
+            UnknownTaskError: a selected entry names a task that is not registered
+                (checked before anything is sent).
+        """
         self.app.loader.import_default_modules()
-        for entry in entries:
-            if not entry.task or entry.task not in self.app.tasks:
-                raise UnknownTaskError(entry.task or "<none>")
-        results = []
-        for entry in entries:
-            new_id = str(uuid.uuid4())
-            if not dry_run:
-                self._publish(entry, new_id)
-                self.remove([entry.id])
-            results.append(Replayed(entry.id, entry.task or "", new_id, not dry_run))
-        return results
+        batches: Iterable[builtins.list[DeadLetter]]
+        if all or task is not None:
+            names = self.task_names() if all else {task}
+            for name in sorted(n or "" for n in names):
+                if name not in self.app.tasks:
+                    raise UnknownTaskError(name or "<none>")
+            batches = (self._fetch(page) for page in self.id_batches(task=task))
+        else:
+            entries = [self.get(i) for i in dict.fromkeys(ids)]
+            for entry in entries:
+                if not entry.task or entry.task not in self.app.tasks:
+                    raise UnknownTaskError(entry.task or "<none>")
+            batches = [entries]
+        for batch in batches:
+            for entry in batch:
+                if stop is not None and stop():
+                    return
+                if not entry.task or entry.task not in self.app.tasks:
+                    raise UnknownTaskError(entry.task or "<none>")
+                new_id = str(uuid.uuid4())
+                if not dry_run:
+                    self._publish(entry, new_id)
+                    self._remove_batch([entry.id])
+                yield Replayed(entry.id, entry.task, new_id, not dry_run)
 
     def _publish(self, entry: DeadLetter, new_id: str) -> None:
         headers = {

@@ -49,7 +49,7 @@ from kombu.utils.json import loads as json_loads
 from ..core import instruments
 from ..core.extensions import ORDER_ORDERING, Deferred, Outcome
 from ..core.state import settings_of
-from ..core.store import RedisStore, store_for
+from ..core.store import STORE_ERRORS, RedisStore, store_for
 from ..errors import ConfigurationError
 from ..task import reason_text, requeue
 from .scripts import ORD_END, ORD_PUBLISH, ORD_RENEW, ORD_START
@@ -60,6 +60,9 @@ logger = logging.getLogger(__name__)
 HEADER = "x-reliable-order"
 #: Lifetime of a key's state in Redis after its last use: 7 days, in ms.
 STATE_TTL_MS = 7 * 24 * 3600 * 1000
+#: ``celery reliable status`` reads the parked counts of this many keys at most (the ones
+#: active most recently), so it stays fast with any number of ordering keys.
+STATUS_KEYS = 1000
 #: Counters of rare events (skips, duplicates...), shown by ``celery reliable status``.
 STATS_FIELDS = ("skipped", "duplicates", "cancelled", "republished", "unsequenced", "fenced")
 
@@ -392,20 +395,20 @@ class OrderingExtension:
         keys = key_names(store, place.group, place.key)
         member = json.dumps([place.group, place.key])
         try:
-            with store.client.pipeline(transaction=False) as pipe:
-                store.script(ORD_START)(
-                    keys=keys,
-                    args=[
-                        place.seq,
-                        int(settings.worker_timeout * 1000),
-                        signature_payload(task),
-                        STATE_TTL_MS,
-                    ],
-                    client=pipe,
-                )
-                pipe.zadd(index_key(store), {member: int(time.time() * 1000)})
-                reply = pipe.execute()[0]
-        except redis.RedisError as exc:
+            batch = store.pipeline()
+            batch.run(
+                ORD_START,
+                keys,
+                [
+                    place.seq,
+                    int(settings.worker_timeout * 1000),
+                    signature_payload(task),
+                    STATE_TTL_MS,
+                ],
+            )
+            batch.command("zadd", index_key(store), {member: int(time.time() * 1000)})
+            reply = batch.execute()[0]
+        except STORE_ERRORS as exc:
             instruments.store_error("ordering")
             logger.error(
                 "ordering: cannot reach Redis to start %s[%s] (%r); requeueing it",
@@ -519,18 +522,26 @@ def _retry_delay(exc: BaseException | None) -> float:
 
 
 def status(app: Any) -> dict[str, Any]:
-    """Ordered keys known to the sweep, parked tasks, and counters of rare events."""
+    """Ordered keys known to the sweep, parked tasks, and counters of rare events.
+
+    Reads the sweep's index only: its size, and the parked counts of the
+    :data:`STATUS_KEYS` keys active most recently (``keys_examined``), so the cost does not
+    grow with the number of keys.
+    """
     store = store_for(app)
     client = store.client
-    members: list[str] = list(client.zrange(index_key(store), 0, -1))  # type: ignore[arg-type]
-    with client.pipeline(transaction=False) as pipe:
-        for member in members:
-            group, key = json.loads(member)
-            pipe.hlen(key_names(store, group, key)[1])
-        parked = pipe.execute()
+    index = index_key(store)
+    total = int(client.zcard(index))
+    members: list[str] = list(client.zrevrange(index, 0, STATUS_KEYS - 1))  # type: ignore[arg-type]
+    batch = store.pipeline()
+    for member in members:
+        group, key = json.loads(member)
+        batch.command("hlen", key_names(store, group, key)[1])
+    parked = [int(n) for n in batch.execute()]
     stats = client.hgetall(stats_key(store))
     return {
-        "keys": len(members),
+        "keys": total,
+        "keys_examined": len(members),
         "keys_with_parked": sum(1 for n in parked if n),
         "parked": sum(parked),
         **{f: int(stats.get(f, 0)) for f in STATS_FIELDS},

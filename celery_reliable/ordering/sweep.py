@@ -83,16 +83,11 @@ def sweep_once(
     )
     if not members:
         return SweepReport(0, 0, 0, 0)
-    script = store.script(ORD_SWEEP)
-    with client.pipeline(transaction=False) as pipe:
-        for member, _ in members:
-            group, key = json.loads(member)
-            script(
-                keys=key_names(store, group, key),
-                args=[int(gap * 1000), int(handoff * 1000)],
-                client=pipe,
-            )
-        replies = pipe.execute()
+    batch = store.pipeline()
+    for member, _ in members:
+        group, key = json.loads(member)
+        batch.run(ORD_SWEEP, key_names(store, group, key), [int(gap * 1000), int(handoff * 1000)])
+    replies = batch.execute()
     republished = skipped = idle = 0
     for (member, score), reply in zip(members, replies, strict=True):
         verdict = reply[0]

@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 
 import celery_reliable
+from celery_reliable.core.store import make_client
 
 
 def make_app(
@@ -59,10 +60,13 @@ def make_app(
 
 
 def recorder(app: Celery) -> redis.Redis:
-    """The client tasks record events with (the coordination Redis)."""
+    """The client tasks record events with: the coordination store (any topology), or
+    ``CR_RECORD_URL`` when set (a test that fails the store over records elsewhere)."""
     client = getattr(app, "_test_recorder", None)
     if client is None or getattr(app, "_test_recorder_pid", None) != os.getpid():
-        client = redis.Redis.from_url(app.conf.reliable_redis_url, decode_responses=True)
+        url = os.environ.get("CR_RECORD_URL") or app.conf.reliable_redis_url
+        master = os.environ.get("CELERY_RELIABLE_REDIS_SENTINEL_MASTER")
+        client = make_client(url, master if url.startswith("sentinel") else None)
         app._test_recorder = client  # type: ignore[attr-defined]
         app._test_recorder_pid = os.getpid()  # type: ignore[attr-defined]
     return client
