@@ -403,6 +403,25 @@ def _command(port: int, *args: str) -> str:
     return done.stdout
 
 
+#: Redis Cluster's bus listens on the node's port + this; both must be free (and < 65536).
+CLUSTER_BUS_OFFSET = 10000
+
+
+def free_cluster_port(attempts: int = 100) -> int:
+    """A free port whose cluster-bus port (+10000) is free too."""
+    for _ in range(attempts):
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET > 65535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 class RedisClusterServers:
     """A Redis Cluster of ``masters`` masters (no replicas) on free ports, made with
     ``redis-cli --cluster create``.
@@ -416,6 +435,7 @@ class RedisClusterServers:
     def __init__(self, masters: int = 3) -> None:
         self.servers = [
             RedisServer(
+                port=free_cluster_port(),
                 args=[
                     "--cluster-enabled",
                     "yes",
@@ -423,7 +443,7 @@ class RedisClusterServers:
                     "nodes.conf",
                     "--cluster-node-timeout",
                     str(CLUSTER_NODE_TIMEOUT_MS),
-                ]
+                ],
             )
             for _ in range(masters)
         ]
@@ -433,6 +453,13 @@ class RedisClusterServers:
         return f"redis+cluster://{nodes}/"
 
     def start(self, timeout: float = DEFAULT_TIMEOUT) -> RedisClusterServers:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, timeout: float) -> RedisClusterServers:
         for server in self.servers:
             server.start(timeout)
         done = subprocess.run(
@@ -489,6 +516,13 @@ class RedisSentinelSetup:
         return f"sentinel://127.0.0.1:{self.sentinel_port}/{db}"
 
     def start(self, timeout: float = DEFAULT_TIMEOUT) -> RedisSentinelSetup:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, timeout: float) -> RedisSentinelSetup:
         self.master.start(timeout)
         self.replica.start(timeout)
         wait_for(

@@ -60,10 +60,10 @@ class Namespace:
         )
 
 
-@pytest.fixture
-def ns(reliable_redis_server: RedisServer) -> Namespace:
+def new_namespace(server: RedisServer, store_url: str | None = None, **env: str) -> Namespace:
+    """A fresh namespace on ``server`` (the broker); the store is db 1 of it by default, or
+    ``store_url`` (a cluster, Sentinel); ``env`` goes to every worker."""
     tag = uuid.uuid4().hex[:10]
-    server = reliable_redis_server
     if not server.running:  # a fault test may have left it stopped
         server.start()
     return Namespace(
@@ -71,9 +71,15 @@ def ns(reliable_redis_server: RedisServer) -> Namespace:
         prefix=f"t{tag}",
         queue=f"q{tag}",
         broker_url=server.url(0),
-        redis_url=server.url(1),
+        redis_url=store_url or server.url(1),
         broker_keyprefix=f"b{tag}:",
+        extra_env=dict(env),
     )
+
+
+@pytest.fixture
+def ns(reliable_redis_server: RedisServer) -> Namespace:
+    return new_namespace(reliable_redis_server)
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import click
 from celery.bin.base import handle_preload_options
 from kombu.exceptions import OperationalError
-from kombu.utils.url import maybe_sanitize_url
 
+from ..core.config import sanitized_url
 from ..core.state import settings_of
 from ..core.store import STORE_ERRORS
 from ..errors import ConfigurationError
@@ -47,7 +47,7 @@ def emit_json(document: Any) -> None:
 
 def _store_url(ctx: click.Context) -> str:
     try:
-        return str(maybe_sanitize_url(settings_of(ctx.find_root().obj.app).redis_url))
+        return str(sanitized_url(settings_of(ctx.find_root().obj.app).redis_url))
     except Exception:  # settings unreadable: the error itself says why
         return "reliable_redis_url"
 

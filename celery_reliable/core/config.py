@@ -162,14 +162,14 @@ class Settings:
         if address.kind == "sentinel" and not self.redis_sentinel_master:
             raise ConfigurationError(
                 "reliable_redis_sentinel_master",
-                f"required with a sentinel:// store ({_sanitized(self.redis_url)}): "
+                f"required with a sentinel:// store ({sanitized_url(self.redis_url)}): "
                 "the name of the master the Sentinels watch",
             )
         if address.kind != "sentinel" and self.redis_sentinel_master:
             raise ConfigurationError(
                 "reliable_redis_sentinel_master",
                 f"only used with a sentinel:// reliable_redis_url, which is "
-                f"{_sanitized(self.redis_url)}",
+                f"{sanitized_url(self.redis_url)}",
             )
 
 
@@ -206,7 +206,7 @@ def store_url_from_broker(app: Any, master: str | None = None) -> tuple[str, str
         if not master:
             raise ConfigurationError(
                 "reliable_redis_url",
-                f"the broker {_sanitized(broker)} is Sentinel but "
+                f"the broker {sanitized_url(broker)} is Sentinel but "
                 'broker_transport_options["master_name"] is not set, so the store cannot '
                 "follow it: set reliable_redis_url (and reliable_redis_sentinel_master)",
             )
@@ -215,7 +215,7 @@ def store_url_from_broker(app: Any, master: str | None = None) -> tuple[str, str
     if scheme in UNREUSABLE_BROKER_SCHEMES or scheme.startswith("redis"):
         raise ConfigurationError(
             "reliable_redis_url",
-            f"the broker {_sanitized(broker)} cannot serve as the coordination "
+            f"the broker {sanitized_url(broker)} cannot serve as the coordination "
             "store: set reliable_redis_url (e.g. unix:///run/redis.sock?db=1 or "
             "redis://host:6379/1)",
         )
@@ -266,7 +266,7 @@ class StoreAddress:
     ssl: bool = False
 
 
-def _sanitized(url: str) -> str:
+def sanitized_url(url: str) -> str:
     """``url`` with its password masked, for messages (even when the URL is malformed)."""
     try:
         return str(maybe_sanitize_url(url))
@@ -288,7 +288,7 @@ def parse_store_url(url: str, source: str = "reliable_redis_url") -> StoreAddres
     raise ConfigurationError(
         source,
         "expected a redis://, rediss://, unix://, redis+cluster://, rediss+cluster:// or "
-        f"sentinel:// URL, got {_sanitized(url)!r}",
+        f"sentinel:// URL, got {sanitized_url(url)!r}",
     )
 
 
@@ -297,7 +297,7 @@ def _host_port(text: str, default_port: int, source: str, url: str) -> tuple[str
     if not sep:
         host, port = text, str(default_port)
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigurationError(source, f"bad HOST:PORT {text!r} in {_sanitized(url)!r}")
+        raise ConfigurationError(source, f"bad HOST:PORT {text!r} in {sanitized_url(url)!r}")
     return host, int(port)
 
 
@@ -308,7 +308,7 @@ def _db(path: str, source: str, url: str) -> int:
     if not path.isdigit():
         raise ConfigurationError(
             source,
-            f"expected a database number after '/', got {path!r} in {_sanitized(url)!r}",
+            f"expected a database number after '/', got {path!r} in {sanitized_url(url)!r}",
         )
     return int(path)
 
@@ -317,7 +317,9 @@ def _split(url: str, source: str) -> tuple[str | None, str | None, str, str]:
     """``(username, password, hosts, path)`` of ``scheme://[user:pass@]hosts[/path]``."""
     rest = url.split("://", 1)[1]
     if "?" in rest:
-        raise ConfigurationError(source, f"query options are not supported in {_sanitized(url)!r}")
+        raise ConfigurationError(
+            source, f"query options are not supported in {sanitized_url(url)!r}"
+        )
     hosts, _, path = rest.partition("/")
     username = password = None
     if "@" in hosts:
@@ -337,11 +339,11 @@ def _cluster_address(url: str, source: str, ssl: bool) -> StoreAddress:
     )
     if not nodes:
         raise ConfigurationError(
-            source, f"a cluster URL needs at least one HOST:PORT, got {_sanitized(url)!r}"
+            source, f"a cluster URL needs at least one HOST:PORT, got {sanitized_url(url)!r}"
         )
     if _db(path, source, url) != 0:
         raise ConfigurationError(
-            source, f"Redis Cluster has only database 0, got {_sanitized(url)!r}"
+            source, f"Redis Cluster has only database 0, got {sanitized_url(url)!r}"
         )
     return StoreAddress("cluster", url, nodes, username, password, 0, ssl)
 
@@ -356,7 +358,8 @@ def _sentinel_address(url: str, source: str) -> StoreAddress:
         if not part.lower().startswith(SENTINEL_SCHEME + "://"):
             raise ConfigurationError(
                 source,
-                f"every part of a Sentinel URL starts with sentinel://, got {_sanitized(part)!r}",
+                "every part of a Sentinel URL starts with sentinel://, got "
+                f"{sanitized_url(part)!r}",
             )
         user, pw, hosts, path = _split(part, source)
         nodes.append(_host_port(hosts, DEFAULT_SENTINEL_PORT, source, url))

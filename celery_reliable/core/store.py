@@ -26,7 +26,6 @@ from importlib import resources
 from typing import Any
 
 import redis
-from kombu.utils.url import maybe_sanitize_url
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
@@ -34,7 +33,7 @@ from redis.exceptions import ClusterError, NoScriptError, RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from ..core.config import Settings, parse_store_url
+from ..core.config import Settings, parse_store_url, sanitized_url
 from .state import settings_of
 
 logger = logging.getLogger(__name__)
@@ -116,9 +115,7 @@ def make_client(url: str, sentinel_master: str | None = None) -> Any:
                 **options,
             )
         except RedisClusterException as exc:
-            raise redis.ConnectionError(
-                f"Redis Cluster at {maybe_sanitize_url(url)}: {exc}"
-            ) from exc
+            raise redis.ConnectionError(str(exc)) from exc
     sentinel = Sentinel(
         list(address.nodes),
         sentinel_kwargs={
@@ -191,7 +188,7 @@ class RedisStore:
 
     def describe(self) -> str:
         """The store's URL without its password (for messages)."""
-        return str(maybe_sanitize_url(self.settings.redis_url))
+        return str(sanitized_url(self.settings.redis_url))
 
     def key(self, *parts: str) -> str:
         """``<prefix>:<part>:<part>...``; put ``{tag}`` parts where scripts need a slot."""

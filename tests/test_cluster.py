@@ -1,0 +1,106 @@
+"""Every feature against a real three-master Redis Cluster as the coordination store.
+
+The broker stays the session's plain redis-server (kombu has no cluster transport); the
+store is ``redis+cluster://`` over three ``redis-server --cluster-enabled yes`` nodes that
+``redis-cli --cluster create`` joined (the ``reliable_redis_cluster`` fixture). Each test
+here is one of the suite's real-worker tests, run unchanged with the store moved to the
+cluster (the module's ``ns`` fixture), in its quickest form: dead letters, reaper after
+kill -9, drain, ordering (start, hand-off and the sweep), rate limit, breaker, status and
+the dlq CLI. Select them with ``pytest -m cluster``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from celery_reliable import Settings
+from celery_reliable.core.store import STORE_ERRORS, RedisStore, store_for
+from celery_reliable.ordering.extension import key_names
+from celery_reliable.testing import RedisClusterServers, RedisServer, wait_for
+from tests import (
+    test_breaker,
+    test_deadletter,
+    test_dlq_cli,
+    test_drain,
+    test_ordering,
+    test_orphans,
+    test_rate_limit,
+)
+from tests.apps import basic
+from tests.apps.common import events
+from tests.conftest import ROOT, Namespace, new_namespace
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def ns(
+    reliable_redis_server: RedisServer, reliable_redis_cluster: RedisClusterServers
+) -> Namespace:
+    """The suite's namespace, with the store on the cluster."""
+    return new_namespace(reliable_redis_server, reliable_redis_cluster.url())
+
+
+start_reaper = test_orphans.start_reaper
+
+test_cluster_dead_letters = (
+    test_deadletter.test_exhausted_retries_are_dead_lettered_with_every_field
+)
+test_cluster_reaper_after_kill9 = test_orphans.test_orphan_is_rerun_within_worker_timeout
+test_cluster_drain = (
+    test_drain.test_sigterm_returns_prefetched_within_a_second_and_waits_for_running
+)
+test_cluster_ordering = test_ordering.test_interleaved_keys_never_overlap_and_start_in_order
+test_cluster_ordering_sweep = test_ordering.test_sweep_redoes_a_lost_hand_off_and_forgets_idle_keys
+test_cluster_rate_limit = test_rate_limit.test_shared_bucket_holds_rate_and_burst_across_two_workers
+test_cluster_breaker = (
+    test_breaker.test_breaker_opens_cluster_wide_lets_one_probe_closes_and_reopens
+)
+test_cluster_dlq_cli_and_status = test_dlq_cli.test_list_and_show_with_and_without_json
+
+
+def test_cluster_store_is_a_cluster_client_and_spreads_per_line_keys(ns):
+    app = ns.app(basic.build)
+    store = store_for(app)
+    assert store.is_cluster
+    client: Any = store.client
+
+    slots = {client.keyslot(key_names(store, "g", f"k{i}")[0]) for i in range(50)}
+    owners = {client.get_node_from_key(key_names(store, "g", f"k{i}")[0]).port for i in range(50)}
+    assert len(slots) > 40 and len(owners) == 3, "ordering lines spread over every node"
+
+
+def status_cli(ns: Namespace, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.apps.basic:app", "reliable", "status", *args],
+        env={**os.environ, **ns.env(**env)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cluster_status_lists_workers_and_a_dead_cluster_is_one_line(ns, start_worker):
+    app = ns.app(basic.build)
+    worker = start_worker("basic", concurrency=1)
+    done = app.tasks["basic.ok"].delay(1)
+    wait_for(lambda: events(app, "succeeded"), 30, message="a task on the cluster-backed worker")
+    assert events(app, "succeeded")[0]["id"] == done.id
+    status = status_cli(ns, "--json")
+    assert status.returncode == 0, status.stderr
+    assert [w["node"] for w in json.loads(status.stdout)["workers"]] == [worker.nodename]
+
+    dead = "redis+cluster://127.0.0.1:1,127.0.0.1:2/"
+    down = status_cli(ns, CR_REDIS_URL=dead)
+    assert down.returncode == 1 and "Traceback" not in down.stderr
+    assert len(down.stderr.strip().splitlines()) == 1, down.stderr
+    assert f"coordination store at {dead}" in down.stderr
+    with pytest.raises(STORE_ERRORS):
+        RedisStore(Settings(redis_url=dead)).client.ping()
