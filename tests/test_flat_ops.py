@@ -6,9 +6,6 @@ every CLI command turns a Redis error into one line and exit code 1. (The timing
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -22,7 +19,8 @@ from celery_reliable.deadletters.store import PAGE_SIZE
 from celery_reliable.status import collect
 from celery_reliable.testing import free_port
 from tests.apps import basic
-from tests.conftest import ROOT, Namespace
+from tests.conftest import Namespace
+from tests.test_dlq_cli import celery
 
 
 class Recording(redis.Redis):
@@ -108,17 +106,6 @@ def test_status_reads_indexes_and_never_scans(ns: Namespace) -> None:
     assert "cmdstat_scan" not in stats, sorted(stats)
     assert report["dead_letters"]["count"] == 50
     assert set(report) == {"workers", "orphans", "breakers", "buckets", "ordering", "dead_letters"}
-
-
-def celery(ns: Namespace, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.apps.basic:app", *args],
-        env={**os.environ, **ns.env(**env)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_replay_and_purge_all_report_each_batch_and_a_summary(ns: Namespace) -> None:
