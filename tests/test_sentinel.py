@@ -78,7 +78,11 @@ def test_store_fails_over_and_every_task_is_accounted_for(
     for w in workers:
         w.wait_ready()
     reaping = reaper().wait_started()
-    ids = [app.tasks["basic.sleep"].delay(0.1, str(i)).id for i in range(TASKS)]
+    ids, failing = [], []
+    for i in range(TASKS):
+        ids.append(app.tasks["basic.sleep"].delay(0.1, str(i)).id)
+        if i % 10 == 5:  # a few fail for good: their dead letters must survive too
+            failing.append(app.tasks["basic.permanent"].delay(i).id)
     wait_for(lambda: len(events(app, "succeeded")) >= TASKS // 4, 60, message="a quarter done")
 
     sentinel.kill_master()
@@ -101,7 +105,9 @@ def test_store_fails_over_and_every_task_is_accounted_for(
         30,
         message="both workers registered on the promoted master",
     )
-    assert DeadLetterStore(app).count() == 0
+    dlq = DeadLetterStore(app)
+    wait_for(lambda: dlq.count() == len(failing), 30, message="every failing task dead-lettered")
+    assert sorted(e.id for e in dlq.list(limit=None)) == sorted(failing)
     assert "reaper: pass failed" not in reaping.log() or "passes succeed again" in reaping.log()
     logs = "".join(w.log() for w in workers)
     assert "declared DEAD" not in logs

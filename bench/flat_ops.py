@@ -1,0 +1,168 @@
+"""Operations on a large store: ``status``, ``dlq list``, ``dlq replay --all`` and
+``dlq purge --all`` with 100,000 dead letters and 200,000 unrelated keys in the same db.
+
+Each command runs as a real ``celery -A bench.app reliable ...`` subprocess against a
+private redis-server that is also the broker (the store shares the broker's db, the
+default). Reported per command: wall time, the process's peak RSS, the longest single
+Redis call (SLOWLOG, every call over 0.1 ms is logged), and for ``replay`` the time until
+its first task is on the queue. The CLI's own start-up (``reliable --help``) is the
+baseline.
+
+Run: ``.venv/bin/python -m bench.flat_ops [--entries 100000] [--unrelated 200000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import redis
+
+from celery_reliable import DeadLetter
+from celery_reliable.core.config import Settings
+from celery_reliable.core.store import RedisStore
+from celery_reliable.deadletters.scripts import DLQ_ADD
+from celery_reliable.testing import RedisServer
+
+#: SLOWLOG records every call slower than this many microseconds.
+SLOWLOG_THRESHOLD_US = 100
+#: ... and keeps this many of them.
+SLOWLOG_LENGTH = 100_000
+#: Dead letters written per pipelined batch while filling the store.
+FILL_BATCH = 1000
+PREFIX = "bench"
+TASK = "bench.reliable"
+QUEUE = "celery"
+
+
+def fill(store: RedisStore, entries: int) -> None:
+    k = store.key
+    keys = [k("{dlq}", "entries"), k("{dlq}", "index"), k("{dlq}", "tasks"), k("{dlq}", "stats")]
+    tb = "Traceback (most recent call last):\n" + "  File 'x.py', line 1, in f\n" * 20
+    start = time.time() - entries
+    for first in range(0, entries, FILL_BATCH):
+        batch = store.pipeline()
+        for i in range(first, min(entries, first + FILL_BATCH)):
+            entry = DeadLetter(
+                id=f"id-{i}",
+                task_id=f"id-{i}",
+                task=TASK,
+                args=[i],
+                exception="ValueError",
+                error="bad input",
+                traceback=tb,
+                failed_at=start + i,
+            )
+            args = [entry.id, entry.to_json(), repr(entry.failed_at), TASK, 10**6, 10**9, 1000]
+            batch.run(DLQ_ADD, keys, args)
+        batch.execute()
+
+
+def run(env: dict[str, str], client: redis.Redis, queue_key: str, *args: str) -> dict[str, Any]:
+    """Run one CLI command; its time, peak RSS, longest Redis call and first publish."""
+    client.slowlog_reset()
+    first: list[float] = []
+    stop = threading.Event()
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "bench.app", "reliable", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    def watch() -> None:
+        watcher = redis.Redis(connection_pool=client.connection_pool)
+        while not stop.is_set() and not first:
+            if watcher.llen(queue_key):
+                first.append(time.perf_counter() - started)
+            stop.wait(0.005)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    thread.join()
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if status != 0:
+        raise RuntimeError(f"{args} failed: {err[-2000:]}")
+    slow = client.slowlog_get(SLOWLOG_LENGTH)
+    longest = max(slow, key=lambda e: e["duration"], default=None)
+    return {
+        "command": " ".join(args),
+        "seconds": elapsed,
+        "rss_mb": usage.ru_maxrss / 1024,
+        "longest_ms": longest["duration"] / 1000 if longest else None,
+        "longest_call": (longest["command"][:60].decode(errors="replace") if longest else ""),
+        "first_publish_s": first[0] if first else None,
+    }
+
+
+def show(row: dict[str, Any]) -> None:
+    longest = (
+        f"{row['longest_ms']:.2f} ms ({row['longest_call']})"
+        if row["longest_ms"] is not None
+        else f"< {SLOWLOG_THRESHOLD_US / 1000} ms"
+    )
+    first = (
+        f", first task queued after {row['first_publish_s']:.2f} s"
+        if row["first_publish_s"]
+        else ""
+    )
+    print(
+        f"{row['command']:<34} {row['seconds']:7.2f} s  peak RSS {row['rss_mb']:6.1f} MB  "
+        f"longest Redis call {longest}{first}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--unrelated", type=int, default=200_000)
+    opts = parser.parse_args()
+    server = RedisServer(args=["--enable-debug-command", "local"]).start()
+    try:
+        url = server.url(0)
+        client = redis.Redis.from_url(url)
+        client.config_set("slowlog-log-slower-than", SLOWLOG_THRESHOLD_US)
+        client.config_set("slowlog-max-len", SLOWLOG_LENGTH)
+        client.execute_command("DEBUG", "POPULATE", opts.unrelated, "unrelated")
+        store = RedisStore(Settings(redis_url=url, key_prefix=PREFIX, dead_letter_max=10**6))
+        env = {
+            **os.environ,
+            "BENCH_BROKER_URL": url,
+            "BENCH_REDIS_URL": url,
+            "BENCH_PREFIX": PREFIX,
+            "CELERY_RELIABLE_DEAD_LETTER_MAX": str(10**6),
+        }
+        print(
+            f"{opts.entries} dead letters, {opts.unrelated} unrelated keys, one redis-server "
+            "(broker and store, db 0)",
+            flush=True,
+        )
+        fill(store, opts.entries)
+        print(f"keys in db 0: {client.dbsize()}", flush=True)
+        for args in (
+            ("--help",),
+            ("status",),
+            ("dlq", "list"),
+            ("dlq", "list", "--limit", str(opts.entries)),
+            ("dlq", "replay", "--all"),
+        ):
+            show(run(env, client, QUEUE, *args))
+        client.delete(QUEUE)
+        fill(store, opts.entries)
+        show(run(env, client, QUEUE, "dlq", "purge", "--all", "--yes"))
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()
