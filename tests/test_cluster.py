@@ -18,10 +18,12 @@ import sys
 from typing import Any
 
 import pytest
+import redis
 
 from celery_reliable import Settings
 from celery_reliable.core.store import STORE_ERRORS, RedisStore, store_for
-from celery_reliable.ordering.extension import key_names
+from celery_reliable.ordering.extension import index_key, key_names
+from celery_reliable.ordering.scripts import ORD_START, ORD_SWEEP
 from celery_reliable.testing import RedisClusterServers, RedisServer, wait_for
 from tests import (
     test_breaker,
@@ -104,3 +106,21 @@ def test_cluster_status_lists_workers_and_a_dead_cluster_is_one_line(ns, start_w
     assert f"coordination store at {dead}" in down.stderr
     with pytest.raises(STORE_ERRORS):
         RedisStore(Settings(redis_url=dead)).client.ping()
+
+
+def test_cluster_script_pipeline_reloads_scripts_a_node_lost(ns, reliable_redis_cluster):
+    """The sweep's pipeline after SCRIPT FLUSH on every node (a restart, a failover): each
+    node answers NOSCRIPT and each script is run again alone; the replies keep their order."""
+    app = ns.app(basic.build)
+    store = store_for(app)
+    for i in range(3):  # lines with a live holder ('busy'), spread over the nodes
+        keys = key_names(store, "g", f"line{i}")
+        assert store.run(ORD_START, keys, [1, 60_000, "{}", 60_000])[0] == "run"
+    for server in reliable_redis_cluster.servers:
+        redis.Redis(port=server.port).script_flush()
+    batch = store.pipeline()
+    for i in range(6):
+        batch.run(ORD_SWEEP, key_names(store, "g", f"line{i}"), [30_000, 10_000])
+    batch.command("zcard", index_key(store))
+    replies = batch.execute()
+    assert replies == [["busy"]] * 3 + [["idle"]] * 3 + [0]
