@@ -150,10 +150,10 @@ class _Progress:
             self._bar.__enter__()
 
     def advance(self, done: int) -> None:
-        step, self.done = done - self.done, done
+        before, self.done = self.done, done
         if self._bar is not None:
-            self._bar.update(step)
-        elif done % PAGE_SIZE == 0 or done == self.total:
+            self._bar.update(done - before)
+        elif done // PAGE_SIZE > before // PAGE_SIZE or done == self.total:
             of = f" of {self.total}" if self.total is not None else ""
             click.echo(f"{self.verb} {done}{of}", err=True)
 

@@ -106,6 +106,7 @@ def make_client(url: str, sentinel_master: str | None = None) -> Any:
         return redis.Redis.from_url(url, **options)
     auth: dict[str, Any] = {"username": address.username, "password": address.password}
     if address.kind == "cluster":
+        # RedisCluster retries connection errors itself (after refreshing its slot map)
         options.pop("retry_on_error")
         try:
             return ClusterClient(
@@ -116,6 +117,8 @@ def make_client(url: str, sentinel_master: str | None = None) -> Any:
             )
         except RedisClusterException as exc:
             raise redis.ConnectionError(str(exc)) from exc
+    if not sentinel_master:
+        raise ValueError(f"{sanitized_url(url)}: a sentinel:// store needs a master name")
     sentinel = Sentinel(
         list(address.nodes),
         sentinel_kwargs={
@@ -185,10 +188,6 @@ class RedisStore:
     def is_cluster(self) -> bool:
         """True when the store is a Redis Cluster."""
         return isinstance(self.client, RedisCluster)
-
-    def describe(self) -> str:
-        """The store's URL without its password (for messages)."""
-        return str(sanitized_url(self.settings.redis_url))
 
     def key(self, *parts: str) -> str:
         """``<prefix>:<part>:<part>...``; put ``{tag}`` parts where scripts need a slot."""
