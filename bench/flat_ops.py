@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -63,8 +64,17 @@ def fill(store: RedisStore, entries: int) -> None:
         batch.execute()
 
 
-def run(env: dict[str, str], client: redis.Redis, queue_key: str, *args: str) -> dict[str, Any]:
-    """Run one CLI command; its time, peak RSS, longest Redis call and first publish."""
+def run(
+    env: dict[str, str],
+    client: redis.Redis,
+    queue_key: str,
+    *args: str,
+    interrupt_after: int | None = None,
+) -> dict[str, Any]:
+    """Run one CLI command; its time, peak RSS, longest Redis call and first publish.
+
+    With ``interrupt_after``, Ctrl-C (SIGINT) is sent once that many tasks are queued.
+    """
     client.slowlog_reset()
     first: list[float] = []
     stop = threading.Event()
@@ -78,9 +88,15 @@ def run(env: dict[str, str], client: redis.Redis, queue_key: str, *args: str) ->
 
     def watch() -> None:
         watcher = redis.Redis(connection_pool=client.connection_pool)
-        while not stop.is_set() and not first:
-            if watcher.llen(queue_key):
+        while not stop.is_set():
+            queued = watcher.llen(queue_key)
+            if queued and not first:
                 first.append(time.perf_counter() - started)
+                if interrupt_after is None:
+                    return
+            if interrupt_after is not None and queued >= interrupt_after:
+                proc.send_signal(signal.SIGINT)
+                return
             stop.wait(0.005)
 
     thread = threading.Thread(target=watch, daemon=True)
@@ -90,9 +106,14 @@ def run(env: dict[str, str], client: redis.Redis, queue_key: str, *args: str) ->
     stop.set()
     thread.join()
     err = proc.stderr.read().decode() if proc.stderr else ""
-    if status != 0:
+    if status != 0 and interrupt_after is None:
         raise RuntimeError(f"{args} failed: {err[-2000:]}")
-    slow = client.slowlog_get(SLOWLOG_LENGTH)
+    # the command's calls only: not this script's own SLOWLOG and LLEN polling
+    slow = [
+        e
+        for e in client.slowlog_get(SLOWLOG_LENGTH)
+        if not e["command"].upper().startswith((b"SLOWLOG", b"LLEN"))
+    ]
     longest = max(slow, key=lambda e: e["duration"], default=None)
     return {
         "command": " ".join(args),
@@ -101,6 +122,8 @@ def run(env: dict[str, str], client: redis.Redis, queue_key: str, *args: str) ->
         "longest_ms": longest["duration"] / 1000 if longest else None,
         "longest_call": (longest["command"][:60].decode(errors="replace") if longest else ""),
         "first_publish_s": first[0] if first else None,
+        "queued": client.llen(queue_key),
+        "last_line": err.strip().splitlines()[-1] if err.strip() else "",
     }
 
 
@@ -126,6 +149,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=100_000)
     parser.add_argument("--unrelated", type=int, default=200_000)
+    parser.add_argument(
+        "--replay-interrupt",
+        type=int,
+        default=None,
+        metavar="N",
+        help="send Ctrl-C to replay --all once N tasks are queued, then replay the rest",
+    )
     opts = parser.parse_args()
     server = RedisServer(args=["--enable-debug-command", "local"]).start()
     try:
@@ -154,9 +184,22 @@ def main() -> None:
             ("status",),
             ("dlq", "list"),
             ("dlq", "list", "--limit", str(opts.entries)),
-            ("dlq", "replay", "--all"),
         ):
             show(run(env, client, QUEUE, *args))
+        if opts.replay_interrupt:
+            row = run(
+                env, client, QUEUE, "dlq", "replay", "--all", interrupt_after=opts.replay_interrupt
+            )
+            show(row)
+            print(f"  interrupted: {row['queued']} queued; {row['last_line']}", flush=True)
+            queued = row["queued"]
+            print(f"  dead letters left: {client.zcard(PREFIX + ':{dlq}:index')}", flush=True)
+            client.delete(QUEUE)
+            client.slowlog_reset()
+            left = client.zcard(PREFIX + ":{dlq}:index")
+            print(f"  replayed + left = {queued + left} of {opts.entries}", flush=True)
+        else:
+            show(run(env, client, QUEUE, "dlq", "replay", "--all"))
         client.delete(QUEUE)
         fill(store, opts.entries)
         show(run(env, client, QUEUE, "dlq", "purge", "--all", "--yes"))

@@ -42,11 +42,14 @@ INTERNAL_HEADER_PREFIX = "x-reliable-"
 EVICTIONS_PER_ADD = 1000
 #: Ids fetched per Redis call while listing or purging.
 PAGE_SIZE = 500
+#: Ids removed per script call by ``purge --all``/``--task``: 200 ids are 600 commands in
+#: one script, well under 20 ms of server time even on a loaded machine (500 took 18 ms).
+REMOVE_BATCH = 200
 #: Behind Sentinel, seconds a new dead letter waits for one replica to acknowledge it.
 REPLICA_WAIT = 0.5
 #: Task names read per HSCAN call when a replay checks every selected task is known
-#: (each call stays around a millisecond on the server with 100,000 entries).
-NAMES_PER_SCAN = 5000
+#: (5000 per call took up to 82 ms on a loaded 2-core machine at 100,000 entries).
+NAMES_PER_SCAN = 500
 #: Longest traceback kept, in characters (the tail is kept: it names the failing line).
 MAX_TRACEBACK_CHARS = 20_000
 #: Seconds :meth:`DeadLetterStore.add_patiently` keeps trying when a write fails (Redis
@@ -349,7 +352,7 @@ class DeadLetterStore:
         batch: builtins.list[str] = []
         for entry_id in ids:
             batch.append(entry_id)
-            if len(batch) >= PAGE_SIZE:
+            if len(batch) >= REMOVE_BATCH:
                 removed += self._remove_batch(batch)
                 batch = []
         if batch:
@@ -382,14 +385,14 @@ class DeadLetterStore:
     ) -> int:
         """Delete the given ids, every entry (``all``), or every entry of ``task``.
 
-        ``all`` and ``task`` delete :data:`PAGE_SIZE` entries per Redis call, oldest first,
+        ``all`` and ``task`` delete :data:`REMOVE_BATCH` entries per Redis call, oldest first,
         calling ``progress(removed so far)`` after each batch and ending early when
         ``stop()`` answers True.
         """
         if not all and task is None:
             return self.remove(ids)
         removed = 0
-        for batch in self.id_batches(task=task):
+        for batch in self.id_batches(task=task, size=REMOVE_BATCH):
             if stop is not None and stop():
                 break
             removed += self._remove_batch(batch)
