@@ -5,8 +5,8 @@ store is ``redis+cluster://`` over three ``redis-server --cluster-enabled yes`` 
 ``redis-cli --cluster create`` joined (the ``reliable_redis_cluster`` fixture). Each test
 here is one of the suite's real-worker tests, run unchanged with the store moved to the
 cluster (the module's ``ns`` fixture), in its quickest form: dead letters, reaper after
-kill -9, drain, ordering (start, hand-off and the sweep), rate limit, breaker, status and
-the dlq CLI. Select them with ``pytest -m cluster``.
+kill -9, drain, ordering (start, hand-off and the sweep), breaker; and smoke tests of the
+rate limit, ``status`` and the dlq CLI. Select them with ``pytest -m cluster``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 import redis
 
-from celery_reliable import Settings
+from celery_reliable import DeadLetterStore, Settings
 from celery_reliable.core.store import STORE_ERRORS, RedisStore, store_for
 from celery_reliable.ordering.extension import index_key, key_names
 from celery_reliable.ordering.scripts import ORD_START, ORD_SWEEP
+from celery_reliable.status import collect
 from celery_reliable.testing import RedisClusterServers, RedisServer, wait_for
 from tests import (
     test_breaker,
@@ -34,7 +35,7 @@ from tests import (
     test_orphans,
     test_rate_limit,
 )
-from tests.apps import basic
+from tests.apps import admission, basic
 from tests.apps.common import events
 from tests.conftest import ROOT, Namespace, new_namespace
 
@@ -60,11 +61,9 @@ test_cluster_drain = (
 )
 test_cluster_ordering = test_ordering.test_interleaved_keys_never_overlap_and_start_in_order
 test_cluster_ordering_sweep = test_ordering.test_sweep_redoes_a_lost_hand_off_and_forgets_idle_keys
-test_cluster_rate_limit = test_rate_limit.test_shared_bucket_holds_rate_and_burst_across_two_workers
 test_cluster_breaker = (
     test_breaker.test_breaker_opens_cluster_wide_lets_one_probe_closes_and_reopens
 )
-test_cluster_dlq_cli_and_status = test_dlq_cli.test_list_and_show_with_and_without_json
 
 
 def test_cluster_store_is_a_cluster_client_and_spreads_per_line_keys(ns):
@@ -89,15 +88,35 @@ def status_cli(ns: Namespace, *args: str, **env: str) -> subprocess.CompletedPro
     )
 
 
-def test_cluster_status_lists_workers_and_a_dead_cluster_is_one_line(ns, start_worker):
+def test_cluster_rate_limit(ns, start_worker):
+    """The bucket's script on the cluster: a shared 20/s bucket (burst 5) over two workers
+    never lets more than rate + burst start in any second, and every task starts once.
+    (Achieved throughput is the standalone test's business; it depends on the load.)"""
+    app = ns.app(admission.build)
+    test_rate_limit.start_two_workers(start_worker)
+    ids = [app.tasks["adm.limited"].delay(i).id for i in range(60)]
+    wait_for(lambda: len(events(app, "started")) >= 60, 60, message="60 starts")
+    starts = test_rate_limit.starts_by_id(app, "adm.limited")
+    assert sorted(starts) == sorted(ids) and all(len(t) == 1 for t in starts.values())
+    assert test_rate_limit.max_in_window(sorted(t[0] for t in starts.values())) <= 25
+    bucket = collect(app)["buckets"]["adm.limited"]
+    assert bucket["rate_per_s"] == 20.0 and bucket["burst"] == 5
+
+
+def test_cluster_status_and_dlq_cli(ns, start_worker):
+    """``status`` and ``dlq list`` through the CLI on the cluster; with the cluster down,
+    one line and exit code 1."""
     app = ns.app(basic.build)
     worker = start_worker("basic", concurrency=1)
-    done = app.tasks["basic.ok"].delay(1)
-    wait_for(lambda: events(app, "succeeded"), 30, message="a task on the cluster-backed worker")
-    assert events(app, "succeeded")[0]["id"] == done.id
+    failed = app.tasks["basic.permanent"].delay(1)
+    wait_for(lambda: DeadLetterStore(app).count() == 1, 30, message="a dead letter on the cluster")
     status = status_cli(ns, "--json")
     assert status.returncode == 0, status.stderr
-    assert [w["node"] for w in json.loads(status.stdout)["workers"]] == [worker.nodename]
+    report = json.loads(status.stdout)
+    assert [w["node"] for w in report["workers"]] == [worker.nodename]
+    assert report["dead_letters"]["count"] == 1
+    listed = test_dlq_cli.ok_json(ns, "list")
+    assert [e["id"] for e in listed] == [failed.id]
 
     dead = "redis+cluster://127.0.0.1:1,127.0.0.1:2/"
     down = status_cli(ns, CR_REDIS_URL=dead)
