@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from celery_reliable import DeadLetter
+from celery_reliable import DeadLetter, DeadLetterStore
 from celery_reliable.core.config import Settings
 from celery_reliable.core.store import RedisStore
 from celery_reliable.deadletters.scripts import DLQ_ADD
@@ -42,8 +42,7 @@ QUEUE = "celery"
 
 
 def fill(store: RedisStore, entries: int) -> None:
-    k = store.key
-    keys = [k("{dlq}", "entries"), k("{dlq}", "index"), k("{dlq}", "tasks"), k("{dlq}", "stats")]
+    dlq = DeadLetterStore(None, store=store)
     tb = "Traceback (most recent call last):\n" + "  File 'x.py', line 1, in f\n" * 20
     start = time.time() - entries
     for first in range(0, entries, FILL_BATCH):
@@ -59,8 +58,7 @@ def fill(store: RedisStore, entries: int) -> None:
                 traceback=tb,
                 failed_at=start + i,
             )
-            args = [entry.id, entry.to_json(), repr(entry.failed_at), TASK, 10**6, 10**9, 1000]
-            batch.run(DLQ_ADD, keys, args)
+            batch.run(DLQ_ADD, dlq.script_keys(), dlq.add_args(entry))
         batch.execute()
 
 

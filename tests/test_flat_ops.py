@@ -49,9 +49,7 @@ def fill(app: Any, n: int, task: str = "basic.permanent") -> list[str]:
         batch = store.store.pipeline()
         for i in range(first, min(n, first + 1000)):
             entry = DeadLetter(id=ids[i], task_id=ids[i], task=task, args=[i], failed_at=start + i)
-            keys = [store.entries_key, store.index_key, store.tasks_key, store.stats_key]
-            argv = [entry.id, entry.to_json(), repr(entry.failed_at), task, 10**6, 10**9, 1000]
-            batch.run(DLQ_ADD, keys, argv)
+            batch.run(DLQ_ADD, store.script_keys(), store.add_args(entry))
         batch.execute()
     return ids
 
