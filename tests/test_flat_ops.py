@@ -103,7 +103,7 @@ def test_status_reads_indexes_and_never_scans(ns: Namespace) -> None:
     stats = client.info("commandstats")
     assert "cmdstat_scan" not in stats, sorted(stats)
     assert report["dead_letters"]["count"] == 50
-    assert set(report) == {"workers", "orphans", "breakers", "buckets", "ordering", "dead_letters"}
+    assert {"workers", "orphans", "breakers", "buckets", "ordering", "dead_letters"} <= set(report)
 
 
 def test_replay_and_purge_all_report_each_batch_and_a_summary(ns: Namespace) -> None:
