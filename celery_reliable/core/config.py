@@ -51,6 +51,9 @@ DEFAULT_ORDERING_GAP_TIMEOUT = 30.0
 #: When Redis cannot be reached at task start, rate limits and breakers let the task
 #: run (True, fail open) or defer it until Redis answers (False, fail closed).
 DEFAULT_FAIL_OPEN = True
+#: On the Redis broker, workers pop each message and record it as theirs in one step
+#: (reliable fetch), so a kill -9 can never lose a message being received.
+DEFAULT_FETCH = True
 
 ENV_PREFIX = "CELERY_RELIABLE_"
 CONF_PREFIX = "reliable_"
@@ -80,6 +83,7 @@ class Settings:
       embedded_reaper: run the reaper inside workers too (leader-elected).
       fail_open: rate limits and breakers let tasks run while Redis is unreachable.
       redis_sentinel_master: the master's name when ``redis_url`` is ``sentinel://``.
+      fetch: reliable fetch on the Redis broker (pop and record in one step).
     """
 
     redis_url: str = DEFAULT_REDIS_URL
@@ -98,6 +102,7 @@ class Settings:
     embedded_reaper: bool = False
     fail_open: bool = DEFAULT_FAIL_OPEN
     redis_sentinel_master: str | None = None
+    fetch: bool = DEFAULT_FETCH
 
     @classmethod
     def from_app(cls, app: Any, environ: Mapping[str, str] | None = None) -> Settings:
@@ -456,4 +461,5 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "embedded_reaper": _bool,
     "fail_open": _bool,
     "redis_sentinel_master": _sentinel_master,
+    "fetch": _bool,
 }

@@ -89,13 +89,14 @@ class ClusterClient(RedisCluster):
 STORE_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
 
 
-def make_client(url: str, sentinel_master: str | None = None) -> Any:
+def make_client(url: str, sentinel_master: str | None = None, **extra: Any) -> Any:
     """A redis-py client for ``url`` that retries transient connection errors.
 
     ``redis://``, ``rediss://`` and ``unix://`` give a ``redis.Redis``;
     ``redis+cluster://`` and ``rediss+cluster://`` a RedisCluster (:class:`ClusterClient`);
     ``sentinel://`` a ``redis.Redis`` bound to the current master of ``sentinel_master``,
-    which follows a failover.
+    which follows a failover. ``extra`` goes to redis-py for a standalone store
+    (``client_name``, ``single_connection_client``) and is ignored for the others.
 
     Raises:
         redis.ConnectionError: a cluster whose seed nodes do not answer.
@@ -103,7 +104,7 @@ def make_client(url: str, sentinel_master: str | None = None) -> Any:
     address = parse_store_url(url)
     options = _connection_options()
     if address.kind == "standalone":
-        return redis.Redis.from_url(url, **options)
+        return redis.Redis.from_url(url, **options, **extra)
     auth: dict[str, Any] = {"username": address.username, "password": address.password}
     if address.kind == "cluster":
         # RedisCluster retries connection errors itself (after refreshing its slot map)

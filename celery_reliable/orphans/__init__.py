@@ -12,6 +12,7 @@ from typing import Any
 
 from ..core.state import add_extension
 from .ackguard import AckGuardStep
+from .fetch import FetchStep
 from .ledger import LedgerExtension
 from .registry import live_workers, reaper_stats
 from .worker import RegistryStep
@@ -20,7 +21,9 @@ __all__ = ["install", "live_workers", "reaper_stats"]
 
 
 def install(app: Any) -> None:
-    """Register the worker step, the ack guard and the in-flight ledger on ``app``."""
+    """Register the worker step, reliable fetch, the ack guard and the in-flight ledger
+    on ``app``."""
     app.steps["worker"].add(RegistryStep)
+    app.steps["consumer"].add(FetchStep)
     app.steps["consumer"].add(AckGuardStep)
     add_extension(app, LedgerExtension(app))

@@ -41,7 +41,8 @@ class AckGuardStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Consumer step: no broker ack or requeue for messages a reaper already gave back."""
 
     label = "reliable-ack-guard"
-    requires = ("celery.worker.consumer.tasks:Tasks",)
+    # After reliable fetch, so that this guard wraps the QoS that fetch extended.
+    requires = ("celery.worker.consumer.tasks:Tasks", "celery_reliable.orphans.fetch:FetchStep")
 
     def start(self, c: Any) -> None:
         heart = current_heartbeat()

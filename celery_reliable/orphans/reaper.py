@@ -50,7 +50,8 @@ from ..core.store import store_for
 from ..deadletters.record import DeadLetter, now
 from ..deadletters.store import DeadLetterStore
 from ..task import ReliableTask
-from .registry import REAPED_MARKER_TTL, RECOVERY_COUNT_TTL, RegistryKeys
+from .fetch import record_key
+from .registry import REAPED_MARKER_TTL, RECOVERY_COUNT_TTL, RegistryKeys, presence_name
 from .scripts import REAPER_CLAIM, REAPER_EPOCH, REAPER_RECLAIM
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,40 @@ class RedisBrokerRestorer:
             client.transaction(transaction, qos.unacked_key)
         return outcome[0]
 
+    def record(self, key: str) -> dict[str, dict[str, Any]]:
+        """The entries of fetch record ``key``: delivery tag -> {t, id, task, q}."""
+        channel = self.channel
+        with channel.conn_or_acquire() as client:
+            raw = client.hgetall(broker_key(client, key))  # kombu does not prefix HGETALL
+        entries: dict[str, dict[str, Any]] = {}
+        for tag, value in raw.items():
+            try:
+                entry = json.loads(bytes_to_str(value))
+            except ValueError:
+                entry = None
+            entries[bytes_to_str(tag)] = entry if isinstance(entry, dict) else {}
+        return entries
+
+    def record_tags(self, keys: list[str]) -> set[str]:
+        """Delivery tags in any of the fetch records ``keys``."""
+        if not keys:
+            return set()
+        channel = self.channel
+        tags: set[str] = set()
+        with channel.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.execute_command("HKEYS", broker_key(client, key))  # not prefixed either
+            for reply in pipe.execute():
+                tags.update(bytes_to_str(t) for t in reply or ())
+        return tags
+
+    def forget(self, key: str, tags: list[str]) -> None:
+        """Remove ``tags`` from fetch record ``key`` (kombu prefixes HDEL itself)."""
+        if tags:
+            with self.channel.conn_or_acquire() as client:
+                client.hdel(key, *tags)
+
     def read(self, tag: str, not_after: float | None) -> tuple[str, Any] | None:
         """The raw ``unacked`` entry and its decoded message, or None when gone/moved."""
         channel = self.channel
@@ -245,6 +280,7 @@ class Reaper:
         self._pending: dict[str, str | None] = {}  # claimed worker id -> node name
         self._epoch: str | None = None  # the registry generation seen by the last pass
         self._judge_after = 0.0  # Redis time before which no worker is judged
+        self._presence_failing = False
         conn = app.connection_for_write()
         self._errors: tuple[type[BaseException], ...] = (
             redis.RedisError,
@@ -263,43 +299,21 @@ class Reaper:
         clock = self._registry_clock()
         if clock is None:
             return result
+        gone, seen_at = self._connections_gone()
         for wid in client.zrangebyscore(
             k.claims, "-inf", clock - CLAIM_LEASE, start=0, num=CLAIM_BATCH
         ):
             if self.store.run(REAPER_RECLAIM, keys=[k.claims], args=[wid, CLAIM_LEASE]):
                 logger.warning("reaper: taking over the unfinished recovery of worker %s", wid)
                 self._pending.setdefault(wid, None)
-        for wid in client.zrangebyscore(
+        expired = client.zrangebyscore(
             k.workers, "-inf", clock - self.settings.worker_timeout, start=0, num=CLAIM_BATCH
-        ):
-            claimed = self.store.run(
-                REAPER_CLAIM,
-                keys=[
-                    k.workers,
-                    k.info,
-                    k.ledger(wid),
-                    k.held(wid),
-                    k.claimed_ledger(wid),
-                    k.claimed_held(wid),
-                    k.claims,
-                    k.reaped(wid),
-                ],
-                args=[wid, self.settings.worker_timeout, REAPED_MARKER_TTL],
-            )
-            if not claimed:
-                continue
-            info = json.loads(claimed[1]) if claimed[1] else {}
-            node = info.get("node")
-            logger.warning(
-                "reaper: worker %s (%s) is dead: no heartbeat for %.1fs "
-                "(reliable_worker_timeout=%.1fs); recovering its tasks",
-                wid,
-                node,
-                float(claimed[2]),
-                self.settings.worker_timeout,
-            )
-            result.dead_workers.append(wid)
-            self._pending[wid] = node
+        )
+        for wid, gone_at in [*((w, seen_at) for w in gone), *((w, None) for w in expired)]:
+            claimed, node = self._claim(wid, gone_at)
+            if claimed:
+                result.dead_workers.append(wid)
+                self._pending[wid] = node
         for wid, node in list(self._pending.items()):
             recovered = self._recover_worker(wid, node)
             result.recoveries.extend(recovered)
@@ -339,6 +353,94 @@ class Reaper:
             return None
         return clock
 
+    def _connections_gone(self) -> tuple[list[str], float]:
+        """Registered workers whose presence connection to the store is gone, and the time
+        (Redis clock) that was seen at.
+
+        A worker's main process holds a store connection named after it
+        (:attr:`~celery_reliable.orphans.registry.WorkerRegistry.presence`); the kernel
+        closes it when the process dies, however it dies, so its absence from ``CLIENT
+        LIST`` is death seen at once. A paused process keeps its connection. Nobody is
+        judged this way while the store has been up for less than
+        ``reliable_worker_timeout`` (after a restart every live worker needs a heartbeat to
+        reconnect), nor a worker that never said it holds such a connection.
+        """
+        client: Any = self.store.client
+        if self._presence_failing:
+            seconds, micros = client.time()
+            return [], seconds + micros / 1e6
+        pipe = client.pipeline(transaction=True)
+        pipe.time()
+        pipe.zrange(self.keys.workers, 0, -1)
+        pipe.client_list(_type="normal")
+        pipe.info("server")
+        try:
+            (seconds, micros), workers, clients, info = pipe.execute()
+        except redis.ResponseError as exc:  # CLIENT LIST refused (ACL), or not a server
+            logger.warning(
+                "reaper: cannot list the store's connections (%r); dead workers are found by"
+                " their heartbeat timeout only",
+                exc,
+            )
+            self._presence_failing = True
+            seconds, micros = client.time()
+            return [], seconds + micros / 1e6
+        clock = seconds + micros / 1e6
+        if int(info.get("uptime_in_seconds", 0)) < self.settings.worker_timeout:
+            return [], clock
+        names = {c.get("name") for c in clients}
+        prefix = self.settings.key_prefix
+        absent = [w for w in workers if presence_name(prefix, w) not in names]
+        if not absent:
+            return [], clock
+        gone = []
+        for wid, raw in zip(absent, client.hmget(self.keys.info, absent), strict=True):
+            try:
+                said = json.loads(raw).get("presence") if raw else None
+            except (ValueError, AttributeError):
+                said = None
+            if said == presence_name(prefix, wid):
+                gone.append(wid)
+        return gone, clock
+
+    def _claim(self, wid: str, gone_at: float | None) -> tuple[bool, str | None]:
+        """Claim dead worker ``wid`` (its connection seen gone at ``gone_at``, or its
+        heartbeat expired): (claimed, node name). Not claimed when it is alive after all
+        or another reaper claimed it."""
+        k = self.keys
+        claimed = self.store.run(
+            REAPER_CLAIM,
+            keys=[
+                k.workers,
+                k.info,
+                k.ledger(wid),
+                k.held(wid),
+                k.claimed_ledger(wid),
+                k.claimed_held(wid),
+                k.claims,
+                k.reaped(wid),
+            ],
+            args=[
+                wid,
+                self.settings.worker_timeout,
+                REAPED_MARKER_TTL,
+                "" if gone_at is None else repr(gone_at),
+            ],
+        )
+        if not claimed:
+            return False, None
+        info = json.loads(claimed[1]) if claimed[1] else {}
+        node: str | None = info.get("node")
+        if gone_at is not None:
+            why = f"its store connection closed (last heartbeat {float(claimed[2]):.1f}s ago)"
+        else:
+            why = (
+                f"no heartbeat for {float(claimed[2]):.1f}s "
+                f"(reliable_worker_timeout={self.settings.worker_timeout:.1f}s)"
+            )
+        logger.warning("reaper: worker %s (%s) is dead: %s; recovering its tasks", wid, node, why)
+        return True, node
+
     def _claimed_tags(self) -> set[str]:
         """Delivery tags some registered worker (alive, or dead and not yet recovered) or an
         unfinished claim holds: from the heartbeats' held reports and the ledgers."""
@@ -354,6 +456,9 @@ class Reaper:
             pipe.hkeys(k.claimed_held(wid))
             pipe.hvals(k.claimed_ledger(wid))
         tags: set[str] = set()
+        if self.restorer is not None:
+            prefix = self.settings.key_prefix
+            tags = self.restorer.record_tags([record_key(prefix, w) for w in (*workers, *claims)])
         replies = pipe.execute()
         for held, ledger in zip(replies[::2], replies[1::2], strict=True):
             tags.update(held)
@@ -439,22 +544,48 @@ class Reaper:
                 logger.exception("reaper: cannot recover %s of worker %s (%r)", task_id, wid, raw)
                 done.append(Recovery(wid, node, task_id, None, None, "error"))
         if self.restorer is not None:
-            for tag, reported in sorted(held.items()):
-                if tag in started_tags:
-                    continue
-                action = self.restorer.restore(tag, float(reported))
-                if action == "restored":
-                    action = "restored_prefetched"
-                    client.hincrby(k.stats, "restored_prefetched", 1)
-                    logger.warning(
-                        "reaper: gave back prefetched message %s of dead worker %s", tag, wid
-                    )
-                done.append(Recovery(wid, node, None, None, tag, action))
+            done.extend(self._recover_received(wid, node, held, started_tags))
         pipe = client.pipeline(transaction=True)
         pipe.delete(k.claimed_ledger(wid), k.claimed_held(wid))
         pipe.zrem(k.claims, wid)
         pipe.hincrby(k.stats, "dead_workers", 1)
         pipe.execute()
+        return done
+
+    def _recover_received(
+        self, wid: str, node: str | None, held: dict[str, str], started: set[str]
+    ) -> list[Recovery]:
+        """Give back what the dead worker received but had not started (or started as a
+        plain task, which has no ledger entry): every entry of its fetch record (reliable
+        fetch), plus the delivery tags its last heartbeat reported (workers without it)."""
+        assert self.restorer is not None
+        client: Any = self.store.client
+        record = record_key(self.settings.key_prefix, wid)
+        fetched = self.restorer.record(record)
+        given: dict[str, tuple[float | None, Any, Any]] = {
+            tag: (float(reported), None, None) for tag, reported in held.items()
+        }
+        for tag, entry in fetched.items():
+            t = entry.get("t")  # its unacked_index score: a later delivery means "moved"
+            given[tag] = (float(t) if t else None, entry.get("id"), entry.get("task"))
+        done = []
+        for tag, (not_after, task_id, name) in sorted(given.items()):
+            if tag in started:
+                continue
+            action = self.restorer.restore(tag, not_after)
+            if action == "restored":
+                action = "restored_prefetched"
+                client.hincrby(self.keys.stats, "restored_prefetched", 1)
+                logger.warning(
+                    "reaper: gave back %s[%s] (message %s), received but not recorded as "
+                    "started by dead worker %s",
+                    name,
+                    task_id,
+                    tag,
+                    wid,
+                )
+            done.append(Recovery(wid, node, task_id, name, tag, action))
+        self.restorer.forget(record, sorted(fetched))
         return done
 
     def _recover_started(

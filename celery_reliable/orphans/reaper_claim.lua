@@ -4,6 +4,8 @@
 -- KEYS[5] claimed ledger, KEYS[6] claimed held, KEYS[7] claims ZSET (worker id -> time)
 -- KEYS[8] reaped marker STRING (tells a worker that was only paused what happened)
 -- ARGV[1] worker id, ARGV[2] worker timeout (s), ARGV[3] marker ttl (s)
+-- ARGV[4] (optional) a time (Redis clock) at which the worker's store connection was seen
+--         gone: then the worker is dead unless it heartbeated since, whatever the timeout
 --
 -- Returns {} when the worker is alive again or another reaper claimed it, else
 -- {last heartbeat, info JSON or '', seconds silent}.
@@ -11,7 +13,11 @@ local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score then return {} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-if now - tonumber(score) <= tonumber(ARGV[2]) then return {} end
+if ARGV[4] and ARGV[4] ~= '' then
+  if tonumber(score) >= tonumber(ARGV[4]) then return {} end
+elseif now - tonumber(score) <= tonumber(ARGV[2]) then
+  return {}
+end
 local info = redis.call('HGET', KEYS[2], ARGV[1]) or ''
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])

@@ -35,6 +35,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +44,9 @@ import redis
 from kombu.utils.url import maybe_sanitize_url
 
 from ..core import instruments
+from ..core.config import parse_store_url
 from ..core.state import settings_of
-from ..core.store import RedisStore, store_for
+from ..core.store import RedisStore, make_client, store_for
 from ..errors import ConfigurationError
 from .scripts import DEREGISTER, HEARTBEAT
 
@@ -63,6 +65,24 @@ REGISTER_BACKOFF_MAX = 10.0
 
 _current_worker_id: str | None = None
 _current_heartbeat: Heartbeat | None = None
+#: Presence clients of this process. A forked pool process closes its copies of their
+#: sockets, so that only the worker's main process holds its named connection open.
+_presence_clients: weakref.WeakSet[redis.Redis] = weakref.WeakSet()
+
+
+def _close_inherited_presence() -> None:
+    for client in list(_presence_clients):
+        connection = client.connection
+        if connection is not None:
+            connection.disconnect()  # in a child: closes its copy only (no shutdown())
+
+
+os.register_at_fork(after_in_child=_close_inherited_presence)
+
+
+def presence_name(key_prefix: str, worker_id: str) -> str:
+    """The client name (``CLIENT SETNAME``) of ``worker_id``'s presence connection."""
+    return f"{key_prefix}:worker:{worker_id}"
 
 
 def new_worker_id(hostname: str | None = None, pid: int | None = None) -> str:
@@ -162,6 +182,28 @@ class WorkerRegistry:
         self.store = store_for(app)
         self.keys = RegistryKeys(self.store)
         self.started_at = time.time()
+        self.presence_name = presence_name(self.store.prefix, worker_id)
+        self._presence: redis.Redis | None = None
+
+    @property
+    def presence(self) -> redis.Redis | None:
+        """The worker's own store connection, named :attr:`presence_name`. The kernel
+        closes it when the main process dies, however it dies, and a reaper sees that in
+        ``CLIENT LIST`` at once. Heartbeats and deregistration go through it, so it never
+        sits idle long enough for a server ``timeout`` to close it. None on a Redis
+        Cluster store (connections are per node: the heartbeat timeout alone judges)."""
+        if self._presence is None:
+            if parse_store_url(self.store.settings.redis_url).kind == "cluster":
+                return None
+            client = make_client(
+                self.store.settings.redis_url,
+                self.store.settings.redis_sentinel_master,
+                client_name=self.presence_name,
+                single_connection_client=True,
+            )
+            _presence_clients.add(client)
+            self._presence = client
+        return self._presence
 
     def info_json(self) -> str:
         return json.dumps(
@@ -170,6 +212,7 @@ class WorkerRegistry:
                 "hostname": socket.gethostname(),
                 "pid": os.getpid(),
                 "started_at": self.started_at,
+                "presence": self.presence_name if self.presence is not None else None,
             },
             sort_keys=True,
         )
@@ -181,8 +224,7 @@ class WorkerRegistry:
         """
         k = self.keys
         replace = "1" if held_tags is not None else "0"
-        reply = self.store.run(
-            HEARTBEAT,
+        reply = self.store.script(HEARTBEAT)(
             keys=[
                 k.workers,
                 k.info,
@@ -191,6 +233,7 @@ class WorkerRegistry:
                 k.epoch,
             ],
             args=[self.worker_id, self.info_json(), repr(time.time()), replace, *(held_tags or [])],
+            client=self.presence,
         )
         return bool(int(reply[0]))
 
@@ -199,10 +242,10 @@ class WorkerRegistry:
         k = self.keys
         wid = self.worker_id
         return int(
-            self.store.run(
-                DEREGISTER,
+            self.store.script(DEREGISTER)(
                 keys=[k.workers, k.info, k.ledger(wid), k.held(wid)],
                 args=[wid],
+                client=self.presence,
             )
         )
 

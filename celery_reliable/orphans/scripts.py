@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..core.store import Lua
 
 DEREGISTER = Lua(__package__, "deregister")
+FETCH = Lua(__package__, "fetch")
 HEARTBEAT = Lua(__package__, "heartbeat")
 LEADER = Lua(__package__, "leader")
 LEDGER_END = Lua(__package__, "ledger_end")

@@ -1,0 +1,133 @@
+"""Every private part of kombu's Redis transport that reliable fetch touches, in one place.
+
+Reliable fetch (:mod:`celery_reliable.orphans.fetch`) replaces how one kombu Redis channel
+pops messages, and extends how its QoS records and forgets them. kombu has no public hook
+for either, so the attributes below are used as kombu 5.6/5.7 define them; nothing else in
+the package reaches into the transport for fetching. :data:`TOUCHPOINTS` lists them for
+the compatibility check (``tests/test_fetch_units.py`` asserts each exists).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual.base import QoS as VirtualQoS
+
+#: ``(owner, attribute, how it is used)`` for every private kombu attribute used here.
+TOUCHPOINTS: tuple[tuple[type, str, str], ...] = (
+    (kombu_redis.Channel, "_brpop_start", "replaced on the channel instance (send the pop)"),
+    (kombu_redis.Channel, "handlers", "its 'BRPOP' entry replaced (read the reply)"),
+    (kombu_redis.Channel, "_in_poll", "set while a reply is pending, as kombu does"),
+    (kombu_redis.Channel, "_brpop_sent_at", "set when sent (kombu's BRPOP health check)"),
+    (kombu_redis.Channel, "_queue_cycle", "consume()/rotate(): kombu's fair queue rotation"),
+    (kombu_redis.Channel, "_q_for_pri", "queue key of a priority step (with sep)"),
+    (kombu_redis.Channel, "priority_steps", "the priority steps polled"),
+    (kombu_redis.Channel, "global_keyprefix", "prefix of every broker key"),
+    (kombu_redis.Channel, "active_queues", "the queues consumed"),
+    (kombu_redis.Channel, "ack_emulation", "False: no unacked hash, fetch stays off"),
+    (kombu_redis.Channel, "unacked_key", "kombu's unacked hash"),
+    (kombu_redis.Channel, "unacked_index_key", "kombu's unacked_index sorted set"),
+    (kombu_redis.Channel, "_flush_brpop_reauth", "called after each reply, as kombu does"),
+    (kombu_redis.QoS, "append", "wrapped: skip the write the fetch script already did"),
+    (kombu_redis.QoS, "_remove_from_indices", "wrapped: also forget the fetch record"),
+    (VirtualQoS, "append", "local bookkeeping of a delivered message"),
+    (kombu_redis.Transport, "_deliver", "hand a popped message to its consumer"),
+)
+
+
+def is_redis_channel(channel: Any) -> bool:
+    """True for a channel of kombu's Redis (or Sentinel) transport."""
+    return isinstance(channel, kombu_redis.Channel)
+
+
+def key_prefix(channel: Any) -> str:
+    """kombu's ``global_keyprefix`` of ``channel`` ('' when unset)."""
+    return str(channel.global_keyprefix or "")
+
+
+def unacked_keys(channel: Any) -> tuple[str, str]:
+    """kombu's ``unacked`` and ``unacked_index`` key names (without the global prefix)."""
+    return str(channel.unacked_key), str(channel.unacked_index_key)
+
+
+def next_queues(channel: Any) -> list[str]:
+    """The consumed queues in kombu's fair order for the next pop ([] when none)."""
+    return list(channel._queue_cycle.consume(len(channel.active_queues)) or [])
+
+
+def queue_keys(channel: Any, queues: list[str]) -> list[tuple[str, str]]:
+    """``(key, queue)`` pairs in BRPOP order: each priority step, each queue."""
+    return [
+        (str(channel._q_for_pri(queue, pri)), queue)
+        for pri in channel.priority_steps
+        for queue in queues
+    ]
+
+
+def rotate(channel: Any, queue: str) -> None:
+    """Move ``queue`` to the end of the fair rotation (it just gave a message)."""
+    channel._queue_cycle.rotate(queue)
+
+
+def send(channel: Any, *command: Any) -> None:
+    """Send ``command`` on the channel's polling connection; its reply is read later."""
+    connection = channel.client.connection
+    channel._in_poll = connection
+    channel._brpop_sent_at = time.monotonic()
+    connection.send_command(*command)
+
+
+def read_reply(channel: Any, command: str, **options: Any) -> Any:
+    """Read the pending reply on the polling connection (disconnecting on a connection
+    error, so the next poll reconnects, as kombu does)."""
+    client = channel.client
+    try:
+        return client.parse_response(client.connection, command, **options)
+    except channel.connection_errors:
+        client.connection.disconnect()
+        raise
+
+
+def done_reading(channel: Any) -> None:
+    """No reply pending any more (kombu's bookkeeping after each BRPOP reply)."""
+    channel._in_poll = None
+    flush = getattr(channel, "_flush_brpop_reauth", None)
+    if flush is not None:
+        flush()
+
+
+def deliver(channel: Any, payload: dict[str, Any], queue: str) -> None:
+    """Hand a popped message to the consumer of ``queue`` (which appends it to the QoS)."""
+    channel.connection._deliver(payload, queue)
+
+
+def install_poll(channel: Any, start: Callable[..., Any], read: Callable[..., Any]) -> None:
+    """Make the channel's poller send ``start`` and read replies with ``read``."""
+    channel._brpop_start = start
+    channel.handlers["BRPOP"] = read
+
+
+def wrap_qos(
+    qos: Any,
+    append: Callable[[Callable[..., Any], Any, Any], Any],
+    remove: Callable[[Callable[..., Any], Any, Any], Any],
+) -> None:
+    """Wrap the QoS instance's ``append`` and ``_remove_from_indices``: each wrapper gets
+    the original as its first argument."""
+    original_append, original_remove = qos.append, qos._remove_from_indices
+
+    def new_append(message: Any, delivery_tag: Any) -> Any:
+        return append(original_append, message, delivery_tag)
+
+    def new_remove(delivery_tag: Any, pipe: Any = None) -> Any:
+        return remove(original_remove, delivery_tag, pipe)
+
+    qos.append, qos._remove_from_indices = new_append, new_remove
+
+
+def append_locally(qos: Any, message: Any, delivery_tag: Any) -> None:
+    """kombu's local bookkeeping of a delivered message, without writing to Redis."""
+    VirtualQoS.append(qos, message, delivery_tag)

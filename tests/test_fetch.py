@@ -1,0 +1,245 @@
+"""Reliable fetch on the Redis broker, and process death seen at once.
+
+- The kill loop: a prefork worker is kill -9'ed at 25 random instants (seeded: set
+  CR_KILL_SEED to replay one) while it drains plain and Reliable tasks, with the reaper on
+  and the broker's visibility timeout at its default hour: every published id runs.
+- A kill -9'ed worker's store connection closes at once: the reaper recovers its task
+  within reliable_reaper_interval + 1 s with the default settings (worker timeout 10 s).
+- A SIGSTOPped worker keeps its connection: it is not judged dead before the timeout.
+- In-process, against a real Redis: the fetch script delivers in kombu's own order
+  (priority steps, fair rotation, global_keyprefix) and records each message atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from celery_reliable.core.config import DEFAULT_REAPER_INTERVAL
+from celery_reliable.orphans import kombu_redis
+from celery_reliable.orphans.fetch import ReliableFetch, record_key
+from celery_reliable.orphans.registry import live_workers, reaper_stats
+from celery_reliable.testing import ReaperProcess, RedisServer, WorkerProcess, wait_for
+from tests.apps import fetch as fetch_app
+from tests.apps.common import events
+from tests.conftest import ROOT, Namespace
+
+#: Seed of the kill instants (printed; CR_KILL_SEED=N replays a run).
+SEED = int(os.environ.get("CR_KILL_SEED", "20261201"))
+KILLS = 25
+TASKS = 3000
+#: Fast liveness for the kill loop, so the reaper gives messages back within a second.
+FAST = {
+    "CELERY_RELIABLE_HEARTBEAT_INTERVAL": "0.5",
+    "CELERY_RELIABLE_WORKER_TIMEOUT": "3",
+    "CELERY_RELIABLE_REAPER_INTERVAL": "0.5",
+}
+
+
+@pytest.fixture
+def start_reaper(ns: Namespace, tmp_path: Path) -> Iterator[Callable[..., ReaperProcess]]:
+    reapers: list[ReaperProcess] = []
+
+    def start(env: dict[str, str] | None = None) -> ReaperProcess:
+        reaper = ReaperProcess(
+            "tests.apps.fetch:app",
+            env=ns.env(**(env or {})),
+            log_path=tmp_path / f"reaper{len(reapers)}.log",
+            cwd=str(ROOT),
+        )
+        reapers.append(reaper)
+        return reaper.wait_started()
+
+    yield start
+    for reaper in reapers:
+        reaper.close()
+
+
+def broker(ns: Namespace) -> redis.Redis:
+    return redis.Redis.from_url(ns.broker_url, decode_responses=True)
+
+
+def fetch_records(ns: Namespace) -> dict[str, int]:
+    """Every fetch record of the test's namespace: key -> entries."""
+    client = broker(ns)
+    pattern = f"{ns.broker_keyprefix}{ns.prefix}:fetch:*"
+    return {key: client.hlen(key) for key in client.scan_iter(pattern)}
+
+
+@pytest.mark.timeout(300)
+def test_kill_loop_loses_nothing(
+    ns: Namespace, start_worker: Callable[..., WorkerProcess], start_reaper: Any
+) -> None:
+    app = ns.app(fetch_app.build)
+    runs = fetch_app.runs_key(app)
+    reaper = start_reaper(FAST)
+    ids = []
+    for i in range(TASKS):
+        task = app.tasks["fetch.plain" if i % 2 else "fetch.reliable"]
+        ids.append(task.delay(i).id)
+    rng = random.Random(SEED)
+    client = broker(ns)
+    store = redis.Redis.from_url(ns.redis_url, decode_responses=True)
+    progress = []
+    for k in range(KILLS):
+        worker = start_worker("fetch", name=f"k{k}", env=FAST)
+        time.sleep(rng.uniform(0.05, 1.0))  # the random instant of the kill is the test
+        worker.kill9()
+        progress.append(store.hlen(runs))
+    done_before_final = store.hlen(runs)
+    start_worker("fetch", name="final", env=FAST)
+
+    def missing() -> list[str]:
+        ran = store.hgetall(runs)
+        return [i for i in ids if i not in ran]
+
+    def diagnose() -> str:
+        left = missing()
+        unacked = client.hlen(f"{ns.broker_keyprefix}unacked")
+        queued = client.llen(f"{ns.broker_keyprefix}{ns.queue}")
+        return (
+            f"{len(left)} of {TASKS} never ran (seed {SEED}): {left[:5]}; unacked {unacked},"
+            f" queued {queued}, records {fetch_records(ns)}; ran after each kill: {progress}\n"
+            f"{reaper.log()[-2000:]}"
+        )
+
+    wait_for(lambda: not missing(), 60, message=diagnose)
+    wait_for(
+        lambda: client.hlen(f"{ns.broker_keyprefix}unacked") == 0 and not fetch_records(ns),
+        30,
+        message=lambda: f"unacked and fetch records to empty: {diagnose()}",
+    )
+    assert client.llen(f"{ns.broker_keyprefix}{ns.queue}") == 0
+    counts = {i: int(n) for i, n in store.hgetall(runs).items()}
+    again = sum(n - 1 for n in counts.values())
+    print(
+        f"\nkill loop (seed {SEED}): {KILLS} kill -9, {TASKS} tasks, {done_before_final} ran "
+        f"before the last worker, 0 lost, {again} re-runs of interrupted tasks; ran after "
+        f"each kill: {progress}"
+    )
+
+
+def test_killed_worker_is_recovered_within_reaper_interval_plus_one_second(
+    ns: Namespace, start_worker: Callable[..., WorkerProcess], start_reaper: Any
+) -> None:
+    """Default settings (worker timeout 10 s): only the closed connection explains it."""
+    app = ns.app(fetch_app.build)
+    reaper = start_reaper()
+    w1 = start_worker("fetch", name="w1", wait=False)
+    w2 = start_worker("fetch", name="w2", wait=False)
+    w1.wait_ready(), w2.wait_ready()
+    wait_for(lambda: len(live_workers(app)) == 2, 10, message="both workers registered")
+    result = app.tasks["fetch.hold"].delay(30)
+    first = wait_for(lambda: events(app, "started"), 30, message="the task to start")[0]
+    victim, survivor = (w1, w2) if first["hostname"] == w1.nodename else (w2, w1)
+    killed_at = time.time()
+    victim.kill9()
+    interval = DEFAULT_REAPER_INTERVAL
+    rerun = wait_for(lambda: events(app, "started")[1:], 30, message="the rerun")[0]
+    took = rerun["t"] - killed_at
+    print(f"\nkill -9 to rerun start: {took:.2f}s (reaper interval {interval}s, timeout 10s)")
+    assert rerun["id"] == result.id and rerun["hostname"] == survivor.nodename
+    assert "its store connection closed" in reaper.log()
+    assert took <= interval + 1.0
+
+
+def test_paused_worker_whose_connection_lives_is_not_judged_dead(
+    ns: Namespace, start_worker: Callable[..., WorkerProcess], start_reaper: Any
+) -> None:
+    """SIGSTOP for six reaper passes (below the worker timeout): nobody is reaped."""
+    env = {**FAST, "CELERY_RELIABLE_WORKER_TIMEOUT": "6"}
+    app = ns.app(fetch_app.build)
+    reaper = start_reaper(env)
+    w1 = start_worker("fetch", name="w1", env=env, wait=False)
+    w2 = start_worker("fetch", name="w2", env=env, wait=False)
+    w1.wait_ready(), w2.wait_ready()
+    app.tasks["fetch.hold"].delay(1.0)
+    first = wait_for(lambda: events(app, "started"), 30, message="the task to start")[0]
+    paused = w1 if first["hostname"] == w1.nodename else w2
+    paused.signal(signal.SIGSTOP)
+    try:
+        time.sleep(3.0)  # the pause is the test: six reaper passes, half the timeout
+        assert paused.nodename in [w["node"] for w in live_workers(app)]
+    finally:
+        paused.signal(signal.SIGCONT)
+    wait_for(lambda: events(app, "succeeded"), 30, message="the paused task to finish")
+    assert "is dead" not in reaper.log()
+    assert len(events(app, "started")) == 1, "the task ran again: its worker was reaped"
+    assert not reaper_stats(app).get("dead_workers")
+
+
+def test_kombu_touchpoints_exist(reliable_redis_server: RedisServer) -> None:
+    """Every private kombu attribute reliable fetch uses is there in the installed kombu
+    (on live objects: some are set in ``__init__``)."""
+    with Connection(reliable_redis_server.url(5)) as conn:
+        channel = conn.channel()
+        live = {"Channel": channel, "QoS": channel.qos, "Transport": conn.transport}
+        missing = [
+            f"{owner.__module__}.{owner.__name__}.{attr}"
+            for owner, attr, _ in kombu_redis.TOUCHPOINTS
+            if not hasattr(live.get(owner.__name__, owner), attr)
+        ]
+    assert not missing
+
+
+PUBLISHED = [("a", 0), ("a", 0), ("b", 0), ("a", 9), ("b", 5), ("b", 0), ("a", 3), ("b", 9)]
+
+
+def consume_in_order(url: str, keyprefix: str, fetch: bool) -> list[str]:
+    """Publish PUBLISHED to queues a and b, then consume both with one consumer (kombu's
+    own, or with reliable fetch) and return the bodies in the order received. With fetch,
+    check at each delivery that the message is in unacked, its index and the record, and
+    gone from all three once acknowledged."""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    record = record_key("t", "host:1:cafe")
+    unacked, index = f"{keyprefix}unacked", f"{keyprefix}unacked_index"
+    exchange = Exchange("fetchtest", type="direct")
+    queues = [Queue(q, exchange, routing_key=q) for q in ("a", "b")]
+    got: list[str] = []
+    with Connection(url, transport_options={"global_keyprefix": keyprefix}) as conn:
+        producer = Producer(conn.channel(), exchange)
+        for i, (queue, priority) in enumerate(PUBLISHED):
+            producer.publish(f"{queue}{i}", routing_key=queue, priority=priority, declare=list(queues))
+        channel = conn.channel()
+        if fetch:
+            ReliableFetch(channel, record).install()
+
+        def on_message(body: str, message: Any) -> None:
+            tag = message.delivery_tag
+            if fetch:
+                assert client.hexists(unacked, tag) and client.zscore(index, tag) is not None
+                entry = client.hget(f"{keyprefix}{record}", tag)
+                assert entry is not None and '"q"' in entry
+            message.ack()
+            assert not client.hexists(unacked, tag)
+            assert not client.hexists(f"{keyprefix}{record}", tag)
+            got.append(body)
+
+        with Consumer(channel, queues, callbacks=[on_message], prefetch_count=1):
+            deadline = time.monotonic() + 20
+            while len(got) < len(PUBLISHED) and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=1)
+    return got
+
+
+def test_fetch_keeps_kombus_order_priorities_rotation_and_key_prefix(
+    reliable_redis_server: RedisServer,
+) -> None:
+    """The same messages come out in the same order as with kombu's BRPOP."""
+    url = reliable_redis_server.url(5)
+    tag = os.urandom(4).hex()
+    stock = consume_in_order(url, f"s{tag}:", fetch=False)
+    fetched = consume_in_order(url, f"f{tag}:", fetch=True)
+    assert len(stock) == len(PUBLISHED)
+    assert fetched == stock
