@@ -1,7 +1,7 @@
 """Reliable fetch on the Redis broker, and process death seen at once.
 
-- The kill loop: a prefork worker is kill -9'ed at 25 random instants (seeded: set
-  CR_KILL_SEED to replay one) while it drains plain and Reliable tasks, with the reaper on
+- The kill loop: prefork workers are kill -9'ed at 25 random instants (seeded: set
+  CR_KILL_SEED to replay one) while they drain plain and Reliable tasks, with the reaper on
   and the broker's visibility timeout at its default hour: every published id runs.
 - A kill -9'ed worker's store connection closes at once: the reaper recovers its task
   within reliable_reaper_interval + 1 s with the default settings (worker timeout 10 s).
@@ -16,6 +16,7 @@ import contextlib
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +38,9 @@ from tests.conftest import ROOT, Namespace
 #: Seed of the kill instants (printed; CR_KILL_SEED=N replays a run).
 SEED = int(os.environ.get("CR_KILL_SEED", "20261201"))
 KILLS = 25
-TASKS = 3000
+#: The feeder keeps about this many messages queued while the workers are killed.
+BACKLOG = 300
+BATCH = 50
 #: Fast liveness for the kill loop, so the reaper gives messages back within a second.
 FAST = {
     "CELERY_RELIABLE_HEARTBEAT_INTERVAL": "0.5",
@@ -76,28 +79,45 @@ def fetch_records(ns: Namespace) -> dict[str, int]:
     return {key: client.hlen(key) for key in client.scan_iter(pattern)}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(240)
 def test_kill_loop_loses_nothing(
     ns: Namespace, start_worker: Callable[..., WorkerProcess], start_reaper: Any
 ) -> None:
+    """Two workers take turns being kill -9'ed while a feeder keeps their queue full."""
     app = ns.app(fetch_app.build)
     runs = fetch_app.runs_key(app)
     reaper = start_reaper(FAST)
-    ids = []
-    for i in range(TASKS):
-        task = app.tasks["fetch.plain" if i % 2 else "fetch.reliable"]
-        ids.append(task.delay(i).id)
-    rng = random.Random(SEED)
     client = broker(ns)
     store = redis.Redis.from_url(ns.redis_url, decode_responses=True)
+    queue = f"{ns.broker_keyprefix}{ns.queue}"
+    ids: list[str] = []
+    stop = threading.Event()
+
+    def feed() -> None:  # half plain Celery tasks, half ReliableTasks, ~BACKLOG queued
+        while not stop.is_set():
+            if client.llen(queue) >= BACKLOG:
+                stop.wait(0.02)
+                continue
+            for _ in range(BATCH):
+                task = app.tasks["fetch.plain" if len(ids) % 2 else "fetch.reliable"]
+                ids.append(task.delay(len(ids)).id)
+
+    feeder = threading.Thread(target=feed, name="feeder", daemon=True)
+    feeder.start()
+    rng = random.Random(SEED)
+    slots = [start_worker("fetch", name=f"k{i}", env=FAST, wait=False) for i in range(2)]
     progress = []
-    for k in range(KILLS):
-        worker = start_worker("fetch", name=f"k{k}", env=FAST)
-        time.sleep(rng.uniform(0.05, 1.0))  # the random instant of the kill is the test
-        worker.kill9()
-        progress.append(store.hlen(runs))
-    done_before_final = store.hlen(runs)
-    start_worker("fetch", name="final", env=FAST)
+    try:
+        for k in range(KILLS):
+            victim = slots[k % 2].wait_ready()
+            time.sleep(rng.uniform(0.05, 1.0))  # the random instant of the kill is the test
+            victim.kill9()
+            progress.append(store.hlen(runs))
+            slots[k % 2] = start_worker("fetch", name=f"k{k + 2}", env=FAST, wait=False)
+    finally:
+        stop.set()
+        feeder.join(10)
+    published = len(ids)
 
     def missing() -> list[str]:
         ran = store.hgetall(runs)
@@ -106,11 +126,10 @@ def test_kill_loop_loses_nothing(
     def diagnose() -> str:
         left = missing()
         unacked = client.hlen(f"{ns.broker_keyprefix}unacked")
-        queued = client.llen(f"{ns.broker_keyprefix}{ns.queue}")
         return (
-            f"{len(left)} of {TASKS} never ran (seed {SEED}): {left[:5]}; unacked {unacked},"
-            f" queued {queued}, records {fetch_records(ns)}; ran after each kill: {progress}\n"
-            f"{reaper.log()[-2000:]}"
+            f"{len(left)} of {published} never ran (seed {SEED}): {left[:5]}; unacked "
+            f"{unacked}, queued {client.llen(queue)}, records {fetch_records(ns)}; ran after "
+            f"each kill: {progress}\n{reaper.log()[-2000:]}"
         )
 
     wait_for(lambda: not missing(), 60, message=diagnose)
@@ -119,13 +138,11 @@ def test_kill_loop_loses_nothing(
         30,
         message=lambda: f"unacked and fetch records to empty: {diagnose()}",
     )
-    assert client.llen(f"{ns.broker_keyprefix}{ns.queue}") == 0
-    counts = {i: int(n) for i, n in store.hgetall(runs).items()}
-    again = sum(n - 1 for n in counts.values())
+    assert client.llen(queue) == 0
+    again = sum(int(n) - 1 for n in store.hgetall(runs).values())
     print(
-        f"\nkill loop (seed {SEED}): {KILLS} kill -9, {TASKS} tasks, {done_before_final} ran "
-        f"before the last worker, 0 lost, {again} re-runs of interrupted tasks; ran after "
-        f"each kill: {progress}"
+        f"\nkill loop (seed {SEED}): {KILLS} kill -9, {published} tasks, 0 lost, {again} "
+        f"re-runs of interrupted tasks; ran after each kill: {progress}"
     )
 
 
@@ -209,7 +226,8 @@ def consume_in_order(url: str, keyprefix: str, fetch: bool) -> list[str]:
     with Connection(url, transport_options={"global_keyprefix": keyprefix}) as conn:
         producer = Producer(conn.channel(), exchange)
         for i, (queue, priority) in enumerate(PUBLISHED):
-            producer.publish(f"{queue}{i}", routing_key=queue, priority=priority, declare=list(queues))
+            declare = list(queues)  # publish appends the exchange to it
+            producer.publish(f"{queue}{i}", routing_key=queue, priority=priority, declare=declare)
         channel = conn.channel()
         if fetch:
             ReliableFetch(channel, record).install()

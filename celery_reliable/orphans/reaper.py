@@ -577,11 +577,10 @@ class Reaper:
                 action = "restored_prefetched"
                 client.hincrby(self.keys.stats, "restored_prefetched", 1)
                 logger.warning(
-                    "reaper: gave back %s[%s] (message %s), received but not recorded as "
-                    "started by dead worker %s",
+                    "reaper: gave back prefetched message %s (%s[%s]) of dead worker %s",
+                    tag,
                     name,
                     task_id,
-                    tag,
                     wid,
                 )
             done.append(Recovery(wid, node, task_id, name, tag, action))
