@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 CLAIM_BATCH = 100
 #: Seconds after which another reaper may take over a claim whose reaper did not finish.
 CLAIM_LEASE = 60.0
+#: Times a dead worker's fetch record is read (a late pop may still land after the first).
+RECORD_READS = 2
 #: Most unacknowledged messages one pass examines for the unclaimed-message sweep.
 SWEEP_BATCH = 1000
 
@@ -561,30 +563,39 @@ class Reaper:
         assert self.restorer is not None
         client: Any = self.store.client
         record = record_key(self.settings.key_prefix, wid)
-        fetched = self.restorer.record(record)
+        started = set(started)
         given: dict[str, tuple[float | None, Any, Any]] = {
             tag: (float(reported), None, None) for tag, reported in held.items()
         }
-        for tag, entry in fetched.items():
-            t = entry.get("t")  # its unacked_index score: a later delivery means "moved"
-            given[tag] = (float(t) if t else None, entry.get("id"), entry.get("task"))
         done = []
-        for tag, (not_after, task_id, name) in sorted(given.items()):
-            if tag in started:
-                continue
-            action = self.restorer.restore(tag, not_after)
-            if action == "restored":
-                action = "restored_prefetched"
-                client.hincrby(self.keys.stats, "restored_prefetched", 1)
-                logger.warning(
-                    "reaper: gave back prefetched message %s (%s[%s]) of dead worker %s",
-                    tag,
-                    name,
-                    task_id,
-                    wid,
-                )
-            done.append(Recovery(wid, node, task_id, name, tag, action))
-        self.restorer.forget(record, sorted(fetched))
+        # Read the record twice: a pop the dead process sent just before it died may run on
+        # the broker after its store connection was seen closed (two servers, or two
+        # connections of one server closing in either order).
+        for _ in range(RECORD_READS):
+            fetched = self.restorer.record(record)
+            for tag, entry in fetched.items():
+                t = entry.get("t")  # its unacked_index score: a later delivery is "moved"
+                given[tag] = (float(t) if t else None, entry.get("id"), entry.get("task"))
+            for tag, (not_after, task_id, name) in sorted(given.items()):
+                if tag in started:
+                    continue
+                action = self.restorer.restore(tag, not_after)
+                if action == "restored":
+                    action = "restored_prefetched"
+                    client.hincrby(self.keys.stats, "restored_prefetched", 1)
+                    logger.warning(
+                        "reaper: gave back prefetched message %s (%s[%s]) of dead worker %s",
+                        tag,
+                        name,
+                        task_id,
+                        wid,
+                    )
+                done.append(Recovery(wid, node, task_id, name, tag, action))
+            self.restorer.forget(record, sorted(fetched))
+            if not fetched:
+                break
+            started |= set(given)
+            given = {}
         return done
 
     def _recover_started(
