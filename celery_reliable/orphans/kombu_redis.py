@@ -19,6 +19,7 @@ from kombu.transport.virtual.base import QoS as VirtualQoS
 #: ``(owner, attribute, how it is used)`` for every private kombu attribute used here.
 TOUCHPOINTS: tuple[tuple[type, str, str], ...] = (
     (kombu_redis.Channel, "_brpop_start", "replaced on the channel instance (send the pop)"),
+    (kombu_redis.Channel, "_brpop_read", "replaced on the instance (close() reads with it)"),
     (kombu_redis.Channel, "handlers", "its 'BRPOP' entry replaced (read the reply)"),
     (kombu_redis.Channel, "_in_poll", "set while a reply is pending, as kombu does"),
     (kombu_redis.Channel, "_brpop_sent_at", "set when sent (kombu's BRPOP health check)"),
@@ -105,8 +106,11 @@ def deliver(channel: Any, payload: dict[str, Any], queue: str) -> None:
 
 
 def install_poll(channel: Any, start: Callable[..., Any], read: Callable[..., Any]) -> None:
-    """Make the channel's poller send ``start`` and read replies with ``read``."""
+    """Make the channel send its polls with ``start`` and read their replies with ``read``
+    (the poller calls ``handlers['BRPOP']``; ``Channel.close`` calls ``_brpop_read`` for a
+    reply still pending)."""
     channel._brpop_start = start
+    channel._brpop_read = read
     channel.handlers["BRPOP"] = read
 
 
