@@ -128,10 +128,15 @@ def test_kill_loop_loses_nothing(
     def diagnose() -> str:
         left = missing()
         unacked = client.hlen(f"{ns.broker_keyprefix}unacked")
+        logs = []
+        for worker in slots:  # the live workers: what did they do with the missing ids?
+            text = worker.log()
+            seen = [line for line in text.splitlines() if any(i in line for i in left[:5])]
+            logs.append(f"--- {worker.name} ({worker.pid}): {seen}\n{text[-1500:]}")
         return (
             f"{len(left)} of {published} never ran (seed {SEED}): {left[:5]}; unacked "
             f"{unacked}, queued {client.llen(queue)}, records {fetch_records(ns)}; ran after "
-            f"each kill: {progress}\n{reaper.log()[-2000:]}"
+            f"each kill: {progress}\n{reaper.log()[-2000:]}\n" + "\n".join(logs)
         )
 
     # Under load the survivors drain slowly: wait while they make progress, fail on a stall.
