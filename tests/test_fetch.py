@@ -276,3 +276,40 @@ def test_fetch_keeps_kombus_order_priorities_rotation_and_key_prefix(
     fetched = consume_in_order(url, f"f{tag}:", fetch=True)
     assert len(stock) == len(PUBLISHED)
     assert fetched == stock
+
+
+def test_a_lost_fetch_reply_is_given_back_by_its_live_worker(
+    reliable_redis_server: RedisServer,
+) -> None:
+    """The fetch script ran but its reply never reached the worker (a connection drop):
+    the message is in unacked and the record, not delivered. The worker's periodic check
+    puts it back on its queue; a message it did deliver stays."""
+    url = reliable_redis_server.url(5)
+    keyprefix = f"l{os.urandom(4).hex()}:"
+    client = redis.Redis.from_url(url, decode_responses=True)
+    record = record_key("t", "host:2:beef")
+    exchange = Exchange("losttest", type="direct")
+    queue = Queue("lost", exchange, routing_key="lost")
+    with Connection(url, transport_options={"global_keyprefix": keyprefix}) as conn:
+        producer = Producer(conn.channel(), exchange)
+        for body in ("lost", "kept"):
+            producer.publish(body, routing_key="lost", declare=[queue])
+        channel = conn.channel()
+        fetch = ReliableFetch(channel, record)
+        fetch.install()
+        # a pop whose reply is lost: run the script directly, nobody reads the reply
+        unacked, index = kombu_redis.unacked_keys(channel)
+        keys = [keyprefix + k for k in (unacked, index, record)]
+        qkeys = [keyprefix + k for k, _ in kombu_redis.queue_keys(channel, ["lost"])]
+        names = [n for _, n in kombu_redis.queue_keys(channel, ["lost"])]
+        client.evalsha(fetch.sha, 3 + len(qkeys), *keys, *qkeys, *names)
+        assert client.hlen(f"{keyprefix}{record}") == 1
+        assert client.llen(f"{keyprefix}lost") == 1
+        got: list[str] = []
+        with Consumer(channel, [queue], callbacks=[lambda b, m: got.append(b)]):
+            conn.drain_events(timeout=5)  # "kept" is delivered (and not acknowledged)
+            assert got == ["kept"]
+            assert fetch.reconcile(0.0, set()) == 1
+        assert client.llen(f"{keyprefix}lost") == 1  # "lost" is back on its queue
+        assert client.hlen(f"{keyprefix}{record}") == 1  # only "kept" is still recorded
+        assert client.hlen(f"{keyprefix}unacked") == 1

@@ -48,7 +48,7 @@ from redis.exceptions import NoScriptError
 
 from ..core.state import settings_of
 from . import kombu_redis as kr
-from .registry import current_worker_id
+from .registry import current_worker_id, held_delivery_tags
 from .scripts import FETCH
 
 logger = logging.getLogger(__name__)
@@ -194,6 +194,37 @@ class ReliableFetch:
     def _remove(self, original: Any, delivery_tag: Any, pipe: Any) -> Any:
         return original(delivery_tag, pipe).hdel(self.record, delivery_tag)
 
+    # --- a reply that never arrived ---
+
+    def reconcile(self, min_age: float, held: set[str]) -> int:
+        """Give back the entries of this worker's record that its channel never delivered
+        (a fetch reply lost with its connection: the script ran, nobody read the reply)
+        and that are older than ``min_age`` seconds. ``held`` are tags Celery still holds
+        from an earlier channel (tasks running across a reconnect). Returns how many."""
+        with self.channel.conn_or_acquire() as client:
+            raw = client.hgetall(self.prefix + self.record)  # kombu does not prefix HGETALL
+            seconds, micros = client.time()
+        now = seconds + micros / 1e6
+        mine = kr.delivered_tags(self.channel.qos) | held
+        given = 0
+        for tag, value in raw.items():
+            tag = bytes_to_str(tag)
+            try:
+                t = str(json.loads(bytes_to_str(value))["t"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if tag in mine or tag == self.recorded or now - float(t) < min_age:
+                continue
+            if kr.give_back(self.channel, tag, t, self.record) == "restored":
+                given += 1
+                logger.warning(
+                    "celery_reliable: gave back message %s: fetched %.1fs ago but never "
+                    "delivered to this worker (its fetch reply was lost)",
+                    tag,
+                    now - float(t),
+                )
+        return given
+
 
 def broker_version(channel: Any) -> tuple[int, ...]:
     with channel.conn_or_acquire() as client:
@@ -210,6 +241,15 @@ class FetchStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     label = "reliable-fetch"
     requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.timer_entry: Any = None
+
+    def stop(self, c: Any) -> None:
+        entry, self.timer_entry = self.timer_entry, None
+        if entry is not None:
+            entry.cancel()
 
     def start(self, c: Any) -> None:
         settings = settings_of(c.app)
@@ -239,3 +279,13 @@ class FetchStep(bootsteps.StartStopStep):  # type: ignore[misc]
         fetch.install()
         channel._reliable_fetch = fetch
         logger.info("celery_reliable: reliable fetch on (record %s)", fetch.record)
+        if c.timer is not None:
+            every = settings.worker_timeout
+
+            def reconcile() -> None:
+                try:
+                    fetch.reconcile(every, set(held_delivery_tags()))
+                except Exception as exc:  # the broker is away: the next round retries
+                    logger.debug("celery_reliable: fetch record check failed: %r", exc)
+
+            self.timer_entry = c.timer.call_repeatedly(every, reconcile)

@@ -9,12 +9,14 @@ the compatibility check (``tests/test_fetch_units.py`` asserts each exists).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import QoS as VirtualQoS
+from kombu.utils.encoding import bytes_to_str
 
 #: ``(owner, attribute, how it is used)`` for every private kombu attribute used here.
 TOUCHPOINTS: tuple[tuple[type, str, str], ...] = (
@@ -34,6 +36,8 @@ TOUCHPOINTS: tuple[tuple[type, str, str], ...] = (
     (kombu_redis.Channel, "_flush_brpop_reauth", "called after each reply, as kombu does"),
     (kombu_redis.QoS, "append", "wrapped: skip the write the fetch script already did"),
     (kombu_redis.QoS, "_remove_from_indices", "wrapped: also forget the fetch record"),
+    (VirtualQoS, "_delivered", "the tags this channel delivered and has not acked"),
+    (kombu_redis.Channel, "_do_restore_message", "push a recorded message back on its queue"),
     (VirtualQoS, "append", "local bookkeeping of a delivered message"),
     (kombu_redis.Transport, "_deliver", "hand a popped message to its consumer"),
 )
@@ -135,3 +139,33 @@ def wrap_qos(
 def append_locally(qos: Any, message: Any, delivery_tag: Any) -> None:
     """kombu's local bookkeeping of a delivered message, without writing to Redis."""
     VirtualQoS.append(qos, message, delivery_tag)
+
+
+def delivered_tags(qos: Any) -> set[str]:
+    """Delivery tags the channel delivered and has not acknowledged (event loop thread)."""
+    return {str(tag) for tag in list(qos._delivered or ())}
+
+
+def give_back(channel: Any, tag: str, delivered_at: str, record: str) -> str:
+    """Put message ``tag`` back on its queue if its ``unacked_index`` score is still
+    ``delivered_at`` (``restored``); otherwise only forget it in ``record`` (``stale``).
+    One WATCH/MULTI transaction, as kombu's own ``restore_by_tag``."""
+    qos = channel.qos
+    unacked, index = unacked_keys(channel)
+    outcome = ["stale"]
+
+    def transaction(pipe: Any) -> None:
+        raw = pipe.hget(unacked, tag)
+        score = pipe.zscore(key_prefix(channel) + index, tag)  # ZSCORE: kombu does not prefix
+        pipe.multi()
+        if raw and score is not None and float(score) == float(delivered_at):
+            qos._remove_from_indices(tag, pipe)  # with reliable fetch: the record entry too
+            payload, exchange, routing_key = json.loads(bytes_to_str(raw))
+            channel._do_restore_message(payload, exchange, routing_key, pipe, False)
+            outcome[0] = "restored"
+        else:
+            pipe.hdel(record, tag)
+
+    with channel.conn_or_acquire() as client:
+        client.transaction(transaction, unacked)
+    return outcome[0]
