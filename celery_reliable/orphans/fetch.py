@@ -24,6 +24,10 @@ first queue of the rotation (a no-op move: the element stays; Redis >= 6.2), so 
 on that queue wakes it at once; messages on other queues or priority steps are seen at the
 next poll, at most :data:`IDLE_WAIT_MAX` seconds later.
 
+Every ``reliable_worker_timeout`` the worker also gives back the entries of its own record
+that its channel never delivered (:meth:`ReliableFetch.reconcile`): a pop whose reply was
+lost with its connection.
+
 Only the task consumer's channel of a worker changes: plain Celery tasks on those queues
 get the same protection; fanout and pidbox (broadcast) channels, publishing and other
 channels are kombu's own. Every private kombu attribute used is in
