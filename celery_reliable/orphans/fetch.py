@@ -205,6 +205,8 @@ class ReliableFetch:
         (a fetch reply lost with its connection: the script ran, nobody read the reply)
         and that are older than ``min_age`` seconds. ``held`` are tags Celery still holds
         from an earlier channel (tasks running across a reconnect). Returns how many."""
+        if self.command == "EVALSHA" and kr.reply_pending(self.channel):
+            return 0  # a pop is outstanding: its message is in the record, not yet read
         with self.channel.conn_or_acquire() as client:
             raw = client.hgetall(self.prefix + self.record)  # kombu does not prefix HGETALL
             seconds, micros = client.time()

@@ -96,6 +96,12 @@ def read_reply(channel: Any, command: str, **options: Any) -> Any:
         raise
 
 
+def reply_pending(channel: Any) -> bool:
+    """Whether a command was sent on the polling connection and its reply not yet read
+    (kombu pauses reading while the prefetch limit is reached)."""
+    return bool(channel._in_poll)
+
+
 def done_reading(channel: Any) -> None:
     """No reply pending any more (kombu's bookkeeping after each BRPOP reply)."""
     channel._in_poll = None
