@@ -28,6 +28,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -71,10 +72,14 @@ _presence_clients: weakref.WeakSet[redis.Redis] = weakref.WeakSet()
 
 
 def _close_inherited_presence() -> None:
+    # Runs in a freshly forked pool process. Only close this process's copy of the socket
+    # (the parent's connection stays open): no redis-py call, which could wait forever on
+    # a lock that another thread of the parent (the heartbeat) held at the fork.
     for client in list(_presence_clients):
-        connection = client.connection
-        if connection is not None:
-            connection.disconnect()  # in a child: closes its copy only (no shutdown())
+        sock = getattr(client.connection, "_sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
 os.register_at_fork(after_in_child=_close_inherited_presence)
