@@ -26,10 +26,11 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from celery_reliable.core.config import DEFAULT_REAPER_INTERVAL
+from celery_reliable.core.config import DEFAULT_REAPER_INTERVAL, DEFAULT_WORKER_TIMEOUT
+from celery_reliable.core.store import store_for
 from celery_reliable.orphans import kombu_redis
 from celery_reliable.orphans.fetch import ReliableFetch, record_key
-from celery_reliable.orphans.registry import live_workers, reaper_stats
+from celery_reliable.orphans.registry import RegistryKeys, live_workers, reaper_stats
 from celery_reliable.testing import ReaperProcess, RedisServer, WorkerProcess, wait_for
 from tests.apps import fetch as fetch_app
 from tests.apps.common import events
@@ -70,6 +71,14 @@ def start_reaper(ns: Namespace, tmp_path: Path) -> Iterator[Callable[..., Reaper
     yield start
     for reaper in reapers:
         reaper.close()
+
+
+def registry_age(app: Any) -> float:
+    """Seconds since the store's worker registry began (its generation marker)."""
+    store = store_for(app)
+    began = store.client.get(RegistryKeys(store).epoch)
+    seconds, micros = store.client.time()
+    return seconds + micros / 1e6 - float(began) if began else 0.0
 
 
 def broker(ns: Namespace) -> redis.Redis:
@@ -185,6 +194,9 @@ def test_killed_worker_is_recovered_within_reaper_interval_plus_one_second(
     w2 = start_worker("fetch", name="w2", wait=False)
     w1.wait_ready(), w2.wait_ready()
     wait_for(lambda: len(live_workers(app)) == 2, 10, message="both workers registered")
+    # A new registry is not judged for a worker timeout (it may lack live workers): wait
+    # until this one is older, as any registry in production is.
+    wait_for(lambda: registry_age(app) > DEFAULT_WORKER_TIMEOUT, 30, message="registry age")
     result = app.tasks["fetch.hold"].delay(30)
     first = wait_for(lambda: events(app, "started"), 30, message="the task to start")[0]
     victim, survivor = (w1, w2) if first["hostname"] == w1.nodename else (w2, w1)
