@@ -368,7 +368,8 @@ class Reaper:
         reconnect), nor a worker that never said it holds such a connection.
         """
         client: Any = self.store.client
-        if self._presence_failing:
+        if self._presence_failing or not isinstance(client, redis.Redis):
+            # a Redis Cluster store: connections are per node, judge by heartbeats only
             seconds, micros = client.time()
             return [], seconds + micros / 1e6
         pipe = client.pipeline(transaction=True)
