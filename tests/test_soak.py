@@ -17,12 +17,6 @@ SEED = int(os.environ.get("RELIABLE_SOAK_SEED", "7"))
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(
-    reason="kombu's Redis BRPOP loses a message popped just before a kill -9, and plain "
-    "acks_late tasks of a killed worker wait for the visibility timeout, until reliable "
-    "fetch lands; the report lists each such task",
-    strict=False,
-)
 def test_short_soak_accounts_for_every_task(tmp_path):
     soak = Soak(tasks=1500, seed=SEED, kills=4, workers=4, publish_rate=40.0, log_dir=tmp_path)
     report = soak.run()
