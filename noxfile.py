@@ -4,6 +4,7 @@
     nox -s "matrix(celery='5.5')"     # one entry
     nox -s peer                       # on demand: Celery's t/integration, plain vs ReliableTask
     nox -s peer -- 5.6                # the same against another entry's Celery
+    nox -s peer -- -k replace         # more arguments go to both pytest runs
 
 Virtualenvs live under ``.nox/``. Every download goes through one wheelhouse
 (``$RELIABLE_WHEELHOUSE``, default ``~/.cache/celery-reliable/wheelhouse``): an entry's
@@ -36,12 +37,14 @@ nox.options.sessions = ["matrix"]
 
 #: Each supported Celery minor with the releases it is tested with: Celery's kombu pair,
 #: redis-py (5.x where that kombu allows it, the newest major where it allows that),
-#: and, in the oldest entry, the lowest pybreaker and prometheus-client we admit.
+#: and, in the oldest entry, the lowest billiard Celery 5.5 admits and the lowest
+#: pybreaker and prometheus-client we admit.
 MATRIX: dict[str, dict[str, str]] = {
     "5.5": {
         "celery": "5.5.3",
         "kombu": "5.5.4",
         "redis": "5.0.8",
+        "billiard": "4.2.1",
         "pybreaker": "1.2.0",
         "prometheus-client": "0.20.0",
     },
@@ -130,11 +133,12 @@ def peer(session: nox.Session) -> None:
     every task a ReliableTask (task_cls) and install(app). Prints the difference and
     writes it to .nox/peer/<version>/report.md; fails when a test that passes plain does
     not pass with the extension."""
-    minor = session.posargs[0] if session.posargs else max(MATRIX)
+    args = list(session.posargs)
+    minor = args.pop(0) if args and args[0] in MATRIX else max(MATRIX)
     entry = MATRIX[minor]
     _install(session, f"peer-{minor}", _pins(entry), PEER_TOOLS, project=".")
     work = ROOT / ".nox" / "peer" / entry["celery"]
-    sdist_dir = ROOT / ".nox" / "peer" / "sdist"
+    sdist_dir = WHEELHOUSE / "sdist"
     sdist = sdist_dir / f"celery-{entry['celery']}.tar.gz"
     if not sdist.exists():
         sdist_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +180,7 @@ def peer(session: nox.Session) -> None:
             with session.chdir(work):
                 session.run(
                     "python", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                    "-p", "celery.contrib.pytest", *plugin, *PEER_TESTS,
+                    "-p", "celery.contrib.pytest", *plugin, *PEER_TESTS, *args,
                     f"--timeout={PEER_TIMEOUT}", f"--junitxml={reports[run]}",
                     env=env, success_codes=[0, 1],
                 )  # fmt: skip

@@ -8,8 +8,9 @@ below. :func:`check_touchpoints` (called by ``install()``) fails when one is mis
 the installed releases, naming it, so a rename in a new release stops the worker at start
 instead of quietly switching a guarantee off.
 
-Checked against: celery 5.5.3, 5.6.3, 5.7.0; kombu 5.5.4, 5.6.2, 5.7.0; billiard 4.2.4,
-4.3.2; pybreaker 1.4.1; redis-py 5.2.1, 5.3.1, 8.1.0 (the version matrix in noxfile.py).
+Checked against: celery 5.5.3, 5.6.3, 5.7.0; kombu 5.5.4, 5.6.2, 5.7.0; billiard 4.2.1,
+4.3.2; pybreaker 1.2.0, 1.4.1; redis-py 5.0.8, 5.3.1, 8.1.0 (the version matrix in
+noxfile.py).
 
 Examples:
     >>> from celery_reliable.core import compat
@@ -51,7 +52,7 @@ __all__ = [
 #: The releases every touchpoint below was read in (and the version matrix runs).
 CHECKED_CELERY = "celery 5.5.3, 5.6.3, 5.7.0"
 CHECKED_KOMBU = "kombu 5.5.4, 5.6.2, 5.7.0"
-CHECKED_BILLIARD = "billiard 4.2.4, 4.3.2"
+CHECKED_BILLIARD = "billiard 4.2.1, 4.3.2"
 CHECKED_PYBREAKER = "pybreaker 1.2.0, 1.4.1"
 
 #: First Celery release that tracks ETA requests in ``state.scheduled_requests``.
