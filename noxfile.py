@@ -66,6 +66,9 @@ SMOKE = [
     "tests/test_rate_limit.py::test_deferred_tasks_come_back_when_their_worker_gets_sigterm",
 ]
 
+#: What the smoke subset needs besides the package (not the whole test extra: no linters).
+SMOKE_TOOLS = ["pytest>=8", "pytest-timeout>=2.3", "pydantic>=2.4"]
+
 #: Celery's integration tests the peer session runs, from Celery's source package.
 PEER_TESTS = ["t/integration/test_tasks.py", "t/integration/test_canvas.py"]
 #: Extra test tools Celery's integration suite needs (its flaky marker and time limits).
@@ -116,7 +119,7 @@ def _install(
 def matrix(session: nox.Session, celery: str) -> None:
     """One matrix entry: install its releases and run the smoke subset."""
     entry = MATRIX[celery]
-    _install(session, f"matrix-{celery}", _pins(entry), [])
+    _install(session, f"matrix-{celery}", _pins(entry), SMOKE_TOOLS, project=".")
     session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *SMOKE, *session.posargs)
 
