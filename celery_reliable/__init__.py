@@ -16,6 +16,7 @@ from .deadletters.store import DeadLetterStore, Replayed
 from .errors import (
     ConfigurationError,
     DeadLetterNotFound,
+    IncompatibleVersion,
     PayloadTooLarge,
     ReliableError,
     UnknownTaskError,
@@ -30,6 +31,7 @@ __all__ = [
     "DeadLetter",
     "DeadLetterNotFound",
     "DeadLetterStore",
+    "IncompatibleVersion",
     "PayloadTooLarge",
     "ReliableError",
     "ReliableTask",

@@ -11,6 +11,7 @@ from celery.exceptions import ImproperlyConfigured
 __all__ = [
     "ConfigurationError",
     "DeadLetterNotFound",
+    "IncompatibleVersion",
     "PayloadTooLarge",
     "ReliableError",
     "UnknownTaskError",
@@ -32,6 +33,28 @@ class ConfigurationError(ReliableError, ImproperlyConfigured):
         self.setting = setting
         self.problem = problem
         super().__init__(f"{setting}: {problem}")
+
+
+class IncompatibleVersion(ReliableError, ImproperlyConfigured):
+    """An installed Celery, kombu, billiard or pybreaker release lacks a private part
+    celery_reliable relies on (renamed or removed): ``install()`` refuses to run rather
+    than let a guarantee switch off.
+
+    Parameters:
+      missing: ``(touchpoint, what relies on it, releases it was checked in)`` for each.
+    """
+
+    def __init__(self, missing: list[tuple[str, str, str]]) -> None:
+        self.missing = missing
+        lines = "; ".join(
+            f"{name} (used by {used_by}; checked in {checked})"
+            for name, used_by, checked in missing
+        )
+        super().__init__(
+            f"the installed Celery/kombu/billiard/pybreaker releases lack {len(missing)} "
+            f"part(s) celery_reliable relies on: {lines}. Install a supported release "
+            "(see docs/installation.md)"
+        )
 
 
 class PayloadTooLarge(ReliableError, ValueError):

@@ -14,6 +14,7 @@ from typing import Any
 from celery import bootsteps
 
 from . import admission, deadletters, drain, metrics, ordering, orphans
+from .core.compat import check_touchpoints
 from .core.config import Settings
 from .core.state import refresh_settings
 
@@ -49,11 +50,14 @@ def install(app: Any) -> Settings:
 
     Raises:
         ConfigurationError: a setting is invalid; the message names it.
+        IncompatibleVersion: an installed Celery/kombu/billiard/pybreaker release lacks a
+            private part the package relies on; the message names each one.
 
     Examples:
         >>> app = Celery("shop", broker="redis://localhost:6379/0")
         >>> celery_reliable.install(app)
     """
+    check_touchpoints()
     settings = Settings.from_app(app)
     with _lock:
         if getattr(app, _INSTALLED_ATTR, False):

@@ -18,6 +18,7 @@ from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from celery.utils.time import maybe_iso8601
 from kombu.serialization import dumps
 
+from .core import compat
 from .core.extensions import Deferred, Outcome, TaskExtension
 from .core.state import extensions_of, settings_of
 from .deadletters.record import DeadLetter, exception_name, now
@@ -107,7 +108,10 @@ class ReliableTask(Task):  # type: ignore[misc]
             PayloadTooLarge: the serialized arguments are too large; nothing was sent.
         """
         if not self.app.conf.task_always_eager:
-            self.check_payload_size(args, kwargs, options.get("serializer"))
+            serializer = options.get("serializer") or self.serializer
+            # Size what Celery will send: a pydantic=True task's models are dumped first.
+            sent_args, sent_kwargs = compat.dump_pydantic_arguments(self, args, kwargs, serializer)
+            self.check_payload_size(sent_args, sent_kwargs, serializer)
             options["headers"] = self._published_header(options)
         return super().apply_async(args, kwargs, *a, **options)
 

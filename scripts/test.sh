@@ -14,8 +14,8 @@ if command -v rabbitmqctl >/dev/null 2>&1 && ! (exec 3<>/dev/tcp/127.0.0.1/5672)
 fi
 
 echo "--> ruff"
-ruff check celery_reliable tests examples bench
-ruff format --check celery_reliable tests examples bench
+ruff check celery_reliable tests examples bench noxfile.py
+ruff format --check celery_reliable tests examples bench noxfile.py
 echo "--> mypy"
 mypy
 echo "--> import layers (import-linter)"

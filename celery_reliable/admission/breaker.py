@@ -26,7 +26,7 @@ from typing import Any
 
 import pybreaker
 
-from ..core import instruments
+from ..core import compat, instruments
 from ..errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def breaker_for(spec: BreakerSpec) -> pybreaker.CircuitBreaker:
 def observe(spec: BreakerSpec, state: str, fails: int, opened_at_us: int | None = None) -> None:
     """Copy a script's view of the breaker into pybreaker and let it notify listeners."""
     cb = breaker_for(spec)
-    storage = cb._state_storage
+    storage = compat.breaker_storage(cb)
     assert isinstance(storage, SharedStateStorage)
     storage.update(state, fails, opened_at_us)
     cb.state  # noqa: B018 (pybreaker notices the change on read and notifies listeners)

@@ -31,6 +31,7 @@ from ..core import instruments
 from ..core.extensions import ORDER_ADMISSION, Deferred, Outcome
 from ..core.state import add_extension, settings_of
 from ..core.store import RedisStore, store_for
+from ..errors import ReliableError
 from ..task import ReliableTask, reason_text, requeue
 from .breaker import HALF_OPEN_RECHECK_SECONDS, BreakerSpec, observe, outcome_kind
 from .ratelimit import MAX_RESERVATION_SECONDS, SHORT_WAIT_SECONDS, BucketSpec
@@ -44,6 +45,8 @@ SLOT_HEADER = "x-reliable-slot"
 #: Message header naming a deferred copy; Redis remembers the newest copy of each task id
 #: so an older message redelivered after a crash (deferred, but not yet acked) is dropped.
 COPY_HEADER = "x-reliable-copy"
+#: Suffix of the dead-letter id of a dropped stale copy (the task's own id stays free).
+STALE_COPY_ID_SUFFIX = "-stale-copy"
 #: Redis remembers the newest deferred copy of a task for the broker's visibility timeout
 #: (after which kombu redelivers an unacked original) plus the wait plus this margin.
 COPY_MEMORY_MARGIN = 300.0
@@ -110,8 +113,23 @@ def breaker_index_key(store: RedisStore) -> str:
     return store.key(TAG, "breakers")
 
 
-def copy_key(store: RedisStore, task_id: str) -> str:
-    return store.key(TAG, "copy", task_id)
+def copy_key(store: RedisStore, task_id: str, nesting: int = 0) -> str:
+    """Key holding the token of the newest deferred copy of one task.
+
+    ``Task.replace()`` gives the replacement the replaced task's id, one replacement level
+    deeper (``replaced_task_nesting``): each level has its own key, so a replacement is a
+    new task there, never an older copy of the task it replaced.
+    """
+    return store.key(TAG, "copy", f"{task_id}:{nesting}" if nesting else task_id)
+
+
+def replacement_level(request: Any) -> int:
+    """How many ``Task.replace()`` calls led to this request (0 for a published task)."""
+    return int(getattr(request, "replaced_task_nesting", 0) or 0)
+
+
+class StaleCopy(ReliableError):
+    """A message dropped as an older copy of a deferred task (recorded as a dead letter)."""
 
 
 class AdmissionExtension:
@@ -146,7 +164,7 @@ class AdmissionExtension:
         store = store_for(self.app)
         request = task.request
         headers = request.headers or {}
-        keys: list[str] = [copy_key(store, request.id)]
+        keys: list[str] = [copy_key(store, request.id, replacement_level(request))]
         # ARGV of admit.lua by position (see its header); filled in per feature below
         argv: list[Any] = ["0", 0, 0, 0, "0", 0, 0, request.id, 0, 0, "", 0, "", 0]
         argv[10] = headers.get(COPY_HEADER, "")
@@ -182,12 +200,7 @@ class AdmissionExtension:
                 )
             observe(spec.breaker, state, int(fails))
         if verdict == "stale":
-            logger.info(
-                "celery_reliable: dropping %s[%s]: an older copy (a newer one is queued)",
-                task.name,
-                request.id,
-            )
-            raise Deferred("stale copy")
+            drop_stale_copy(task)
         if verdict == "run":
             request._reliable_ticket = _Ticket(probe=bool(probe), fails=int(fails))
             if wait_us:  # a start booked a few ms ahead (<= SHORT_WAIT_SECONDS)
@@ -298,10 +311,38 @@ def defer(
         options = task.app.conf.broker_transport_options or {}
         visibility = float(options.get("visibility_timeout") or DEFAULT_VISIBILITY_TIMEOUT)
         ttl = int(visibility + max(delay, 0.0) + COPY_MEMORY_MARGIN)
-        store.client.set(copy_key(store, request.id), token, ex=ttl)
+        store.client.set(copy_key(store, request.id, replacement_level(request)), token, ex=ttl)
     except redis.RedisError as exc:  # only a crash before the ack could now duplicate it
         logger.warning("celery_reliable: could not record deferred copy of %s: %r", request.id, exc)
     raise Deferred(reason, delay)
+
+
+def drop_stale_copy(task: ReliableTask) -> None:
+    """Drop the running message, an older copy of a task whose newer copy is queued (a
+    redelivery after a crash between deferring and acking), leaving a dead letter.
+
+    The entry has reason ``stale_copy`` and its own id (``<task id>-stale-copy``), so it
+    never replaces a dead letter of the task itself.
+
+    Raises:
+        Deferred: always, after the dead letter was written (the message is then acked).
+        Reject: requeue, when the dead letter could not be written.
+    """
+    request = task.request
+    logger.warning(
+        "celery_reliable: dropping %s[%s]: an older copy of a deferred task (a newer copy "
+        "is queued); dead-lettered as stale_copy",
+        task.name,
+        request.id,
+    )
+    exc = StaleCopy(
+        f"an older copy of deferred task {request.id}: a newer copy was queued, so this "
+        "one was not run"
+    )
+    entry = task.dead_letter_entry(exc, "stale_copy", None)
+    entry.id = f"{request.id}{STALE_COPY_ID_SUFFIX}"
+    task.record_dead_letter(entry, exc)
+    raise Deferred("stale copy")
 
 
 def validate_tasks(app: Any) -> None:

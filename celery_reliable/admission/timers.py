@@ -44,6 +44,6 @@ def _fire_timers_paced(hub: Any, **kwargs: Any) -> float:
     """``Hub.fire_timers`` with ``min_delay=0`` while entries are scheduled; with an empty
     schedule it returns kombu's idle delay, so an idle loop blocks instead of spinning."""
     delay = type(hub).fire_timers(hub, min_delay=0, **kwargs)
-    if not delay and not (hub.timer and hub.timer._queue):
+    if not delay and not (hub.timer and len(hub.timer)):
         return IDLE_POLL_DELAY
     return float(delay)

@@ -26,7 +26,7 @@ from importlib import resources
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import FullJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.commands.core import Script
 from redis.exceptions import ClusterError, NoScriptError, RedisClusterException
@@ -53,7 +53,7 @@ HEALTH_CHECK_INTERVAL = 10
 
 def _retry() -> Retry:
     return Retry(
-        ExponentialWithJitterBackoff(cap=RETRY_BACKOFF_CAP, base=RETRY_BACKOFF_BASE),
+        FullJitterBackoff(cap=RETRY_BACKOFF_CAP, base=RETRY_BACKOFF_BASE),
         CONNECTION_RETRIES,
     )
 

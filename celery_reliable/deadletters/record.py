@@ -21,6 +21,7 @@ REASONS = (
     "payload_too_large",
     "time_limit",
     "ordering_skipped",
+    "stale_copy",
 )
 
 

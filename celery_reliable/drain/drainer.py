@@ -44,7 +44,7 @@ from celery import signals as celery_signals
 from celery.platforms import EX_OK
 from celery.worker import state
 
-from ..core import instruments
+from ..core import compat, instruments
 from ..core.state import settings_of
 
 logger = logging.getLogger(__name__)
@@ -276,8 +276,7 @@ class Drainer:
         worker, and give its message back."""
         c = self.consumer
         taken: list[Any] = []
-        semaphore = getattr(self.worker, "semaphore", None)
-        waiting = getattr(semaphore, "_waiting", None)
+        waiting = compat.pool_waiters(self.worker)
         if waiting:
             keep = []
             for waiter in list(waiting):
@@ -295,10 +294,9 @@ class Drainer:
                 items = [i[0] if isinstance(i, tuple) else i for i in list(contents)]
                 taken.extend(r for r in items if hasattr(r, "message"))
                 bucket.clear_pending()
-        for request in list(state.scheduled_requests):
+        for request, entry in list(compat.eta_requests(c.timer)):
             if request in state.active_requests:
                 continue
-            entry = getattr(request, "_eta_timer_entry", None)
             if entry is not None and c.timer is not None:
                 with contextlib.suppress(Exception):
                     c.timer.cancel(entry)
@@ -370,15 +368,14 @@ class Drainer:
     def _end_process(self, request: Any) -> None:
         # Marked cancelled: the pool then reports the job as Terminated and Celery's
         # Request.on_failure returns without acking, storing a failure or retrying.
-        request._already_cancelled = True
+        compat.mark_cancelled(request)
         pid = request.worker_pid
         if pid:
             try:
                 self.worker.pool.terminate_job(pid, KILL_SIGNAL)
             except Exception:
                 logger.exception("drain: could not end pool process %s", pid)
-        ref = getattr(request, "_apply_result", None)
-        job = ref() if ref is not None else None
+        job = compat.apply_result(request)
         if job is not None:
             # Not accepted yet: the pool ends the process the moment it accepts the job.
             job.terminate(KILL_SIGNAL)
@@ -422,7 +419,7 @@ class Drainer:
         """Whether the Redis task channel has a BRPOP in flight."""
         consumer = getattr(self.consumer, "task_consumer", None)
         channel = getattr(consumer, "channel", None)
-        return bool(getattr(channel, "_in_poll", False))
+        return compat.brpop_pending(channel)
 
 
 def _in_flight(request: Any) -> bool:

@@ -44,6 +44,7 @@ from typing import Any
 import redis
 from kombu.utils.encoding import bytes_to_str
 
+from ..core import compat
 from ..core.broker import broker_is_redis
 from ..core.state import settings_of
 from ..core.store import store_for
@@ -97,7 +98,7 @@ class PassResult:
 def broker_key(client: Any, key: str) -> str:
     """``key`` with kombu's ``global_keyprefix``, for the commands kombu's prefixing client
     does not prefix itself (such as ZSCORE)."""
-    return str(getattr(client, "global_keyprefix", "") or "") + key
+    return compat.key_prefix(client) + key
 
 
 class RedisBrokerRestorer:
@@ -146,9 +147,9 @@ class RedisBrokerRestorer:
             if not_after is not None and score is not None and float(score) > not_after:
                 outcome[0] = "moved"
                 return
-            qos._remove_from_indices(tag, pipe)
+            compat.remove_from_unacked_indices(qos, tag, pipe)
             payload, exchange, routing_key = json.loads(bytes_to_str(raw))
-            channel._do_restore_message(payload, exchange, routing_key, pipe, False)
+            compat.restore_unacked_message(channel, payload, exchange, routing_key, pipe)
             outcome[0] = "restored"
 
         with channel.conn_or_acquire() as client:
@@ -212,7 +213,7 @@ class RedisBrokerRestorer:
             current = pipe.hget(qos.unacked_key, tag)
             pipe.multi()
             if current is not None and bytes_to_str(current) == raw:
-                qos._remove_from_indices(tag, pipe)
+                compat.remove_from_unacked_indices(qos, tag, pipe)
                 removed[0] = True
 
         with channel.conn_or_acquire() as client:

@@ -44,7 +44,7 @@ from typing import Any
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
-from ..core import instruments
+from ..core import compat, instruments
 from ..core.config import parse_store_url
 from ..core.state import settings_of
 from ..core.store import RedisStore, make_client, store_for
@@ -298,7 +298,7 @@ def held_delivery_tags() -> list[str]:
 
     for _ in range(SNAPSHOT_ATTEMPTS):
         try:
-            requests = [*state.reserved_requests, *getattr(state, "scheduled_requests", ())]
+            requests = [*state.reserved_requests, *compat.scheduled_requests()]
             break
         except RuntimeError:  # the event loop changed the set while we copied it
             continue
@@ -417,7 +417,7 @@ class Heartbeat:
         for qos in self._qos:
             for _ in range(SNAPSHOT_ATTEMPTS):
                 try:
-                    tags.update(str(t) for t in list(getattr(qos, "_delivered", None) or ()))
+                    tags.update(str(t) for t in compat.delivered_tags(qos))
                     break
                 except RuntimeError:  # changed while copied
                     continue
