@@ -1,19 +1,30 @@
-"""Admission control when Redis cannot be reached (reliable_fail_open), and bad options."""
+"""Admission control when Redis goes away (reliable_fail_open), and bad options.
+
+The coordination store is a server of the test's own, stopped once the worker has
+registered (a worker does not consume before it has), while the broker stays up."""
 
 from __future__ import annotations
 
-from celery_reliable.testing import free_port, wait_for
+from collections.abc import Iterator
+
+import pytest
+
+from celery_reliable.testing import RedisServer, wait_for
 from tests.apps import admission
 from tests.apps.common import events
 
 
-def unreachable() -> str:
-    return f"redis://127.0.0.1:{free_port()}/0"
+@pytest.fixture
+def store() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.close()
 
 
-def test_fail_open_runs_tasks_without_limits_and_logs_it(ns, start_worker):
+def test_fail_open_runs_tasks_without_limits_and_logs_it(ns, start_worker, store):
     app = ns.app(admission.build)
-    worker = start_worker("admission", env={"CELERY_RELIABLE_REDIS_URL": unreachable()})
+    worker = start_worker("admission", env={"CELERY_RELIABLE_REDIS_URL": store.url(0)})
+    store.kill()
     ids = [app.tasks["adm.limited"].delay(i).id for i in range(10)]
     wait_for(lambda: len(events(app, "started")) >= 10, 30, message="10 starts")
     assert sorted(e["id"] for e in events(app, "started")) == sorted(ids)
@@ -21,10 +32,11 @@ def test_fail_open_runs_tasks_without_limits_and_logs_it(ns, start_worker):
     assert "running it without rate limit or breaker" in worker.log()
 
 
-def test_fail_closed_defers_tasks_and_logs_it(ns, start_worker):
+def test_fail_closed_defers_tasks_and_logs_it(ns, start_worker, store):
     app = ns.app(admission.build)
-    env = {"CELERY_RELIABLE_REDIS_URL": unreachable(), "CELERY_RELIABLE_FAIL_OPEN": "false"}
+    env = {"CELERY_RELIABLE_REDIS_URL": store.url(0), "CELERY_RELIABLE_FAIL_OPEN": "false"}
     worker = start_worker("admission", env=env)
+    store.kill()
     for i in range(3):
         app.tasks["adm.limited"].delay(i)
     wait_for(lambda: worker.log().count(" ignored") >= 3, 30, message="3 deferrals")
