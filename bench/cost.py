@@ -16,6 +16,7 @@ Rows:
                breaker, all configured on one ReliableTask, vs the plain Task
   ordered      an ordered ReliableTask over 100 keys vs the same task unordered
   publish      ``ordered.delay()`` vs plain ``delay()``, publishes per second in-process
+  publish-reliable   an unordered ReliableTask's ``delay()`` (the payload-size check) vs plain
 
 Usage (from the repository root):
     .venv/bin/python -m bench.cost [--tasks 2000] [--pairs 5] [--rows noop,every,ordered,publish]
@@ -76,6 +77,15 @@ ROWS = (
     Row("every", "every feature, not binding / plain", "plain", "every_feature", None, 0.90),
     Row("ordered", f"ordered / unordered, {ORDERED_KEYS} keys", "reliable", "ordered", 100, 0.90),
     Row("publish", "publish: ordered delay() / plain delay()", "plain", "ordered", None, 0.0, True),
+    Row(
+        "publish-reliable",
+        "publish: ReliableTask delay() / plain",
+        "plain",
+        "reliable",
+        None,
+        0.0,
+        True,
+    ),
 )
 
 
@@ -225,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(opts.tasks, opts.concurrency)
     results: list[tuple[Row, list[Sample], list[Sample]]] = []
     try:
-        for variant in ("plain", "ordered"):  # connections, scripts and imports warmed up
+        for variant in ("plain", "reliable", "ordered"):  # connections, scripts warmed up
             bench.publish(variant, None)
         for row in ROWS:
             if row.name in wanted:
