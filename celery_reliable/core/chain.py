@@ -26,11 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
+from .extensions import LuaSource, ScriptCall
 from .store import Lua, RedisStore
+
+__all__ = ["NOT_RUN", "Chain", "ScriptCall", "folds", "passes", "run_chain"]
 
 
 class _NotRun:
@@ -71,28 +74,11 @@ return out
 
 
 @dataclass(frozen=True)
-class ScriptCall:
-    """One script to run as a step of a chain.
-
-    Parameters:
-      lua: the script.
-      keys: its KEYS.
-      args: its ARGV.
-      gate: end the chain after this step unless the reply is ``['run', ...]``.
-    """
-
-    lua: Lua
-    keys: Sequence[str]
-    args: Sequence[Any]
-    gate: bool = False
-
-
-@dataclass(frozen=True)
 class Chain(Lua):
     """The generated script that runs ``steps`` in order (cached by the store like any
     other script: one SCRIPT LOAD per combination of steps and server)."""
 
-    steps: tuple[Lua, ...] = ()
+    steps: tuple[LuaSource, ...] = ()
 
     def source(self) -> str:
         parts = [f"-- chain of {', '.join(s.name for s in self.steps)} (core/chain.py)"]
@@ -139,7 +125,7 @@ def run_chain(store: RedisStore, calls: Sequence[ScriptCall]) -> list[Any]:
 def _one_by_one(store: RedisStore, calls: Sequence[ScriptCall]) -> list[Any]:
     replies: list[Any] = []
     for call in calls:
-        reply = store.run(call.lua, list(call.keys), list(call.args))
+        reply = store.run(cast(Lua, call.lua), list(call.keys), list(call.args))
         replies.append(reply)
         if call.gate and not passes(reply):
             break

@@ -37,8 +37,6 @@ from celery.exceptions import Ignore
 if TYPE_CHECKING:
     from celery import Task as ReliableTask  # any Task; ReliableTask in practice
 
-    from .chain import ScriptCall
-
 #: How a run ended: the body returned, asked to retry, failed for good (dead-lettered
 #: when the task allows it), was ignored/rejected by the body itself (or cut short by
 #: SystemExit), or never ran because an extension deferred it (``Deferred``).
@@ -98,6 +96,33 @@ class TaskExtension(Protocol):
     def after_return(self, task: ReliableTask, outcome: Outcome) -> None:
         """Run after the body (and the dead-letter write), before the ack."""
         ...
+
+
+class LuaSource(Protocol):
+    """A Lua script by name and text (:class:`celery_reliable.core.store.Lua`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def source(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """One script a :class:`StoreExtension` wants run, as a step of the task's one script
+    of the phase (:func:`celery_reliable.core.chain.run_chain`).
+
+    Parameters:
+      lua: the script (a ``Lua`` of the feature's ``scripts.py``).
+      keys: its KEYS.
+      args: its ARGV.
+      gate: end the phase's script after this step unless the reply is ``['run', ...]``.
+    """
+
+    lua: LuaSource
+    keys: Sequence[str]
+    args: Sequence[Any]
+    gate: bool = False
 
 
 class StoreExtension(Protocol):

@@ -32,7 +32,7 @@ import redis
 from celery.exceptions import Ignore, Reject
 
 from ..core import instruments
-from ..core.chain import ScriptCall
+from ..core.chain import ScriptCall, run_chain
 from ..core.extensions import ORDER_LEDGER, Outcome
 from ..core.state import settings_of
 from ..core.store import store_for
@@ -171,7 +171,7 @@ class LedgerExtension:
         if call is None:
             return
         try:
-            reply = store_for(self.app).run(call.lua, list(call.keys), list(call.args))
+            (reply,) = run_chain(store_for(self.app), [call])
         except redis.RedisError as exc:
             reply = exc
         self._removed(task, reply)
