@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import sys
 import time
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--rows", default=",".join(r.name for r in ROWS))
     opts = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the workers and servers started are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     wanted = opts.rows.split(",")
     bench = Bench(opts.tasks, opts.concurrency)
     results: list[tuple[Row, list[Sample], list[Sample]]] = []
