@@ -8,7 +8,10 @@ coordination store and the tasks' finish counter are three private ``redis-serve
 what the store served during the timed window is the package's own work: round trips per
 task from ``INFO stats`` ``total_reads_processed`` (a script or a pipeline is one), EVALSHA
 and all commands per task from ``INFO commandstats`` deltas (commands a script runs count
-there too). Cells read ``baseline / variant``.
+there too). CPU µs per task, from ``/proc`` and ``INFO cpu`` over the same window: the
+worker's main process, its pool processes, and the broker and store ``redis-server``\\ s
+together; on a loaded machine these hold up far better than the rates. Cells read
+``baseline / variant``.
 
 Rows:
   noop         a ReliableTask with no option vs a plain ``acks_late`` Task
@@ -59,7 +62,7 @@ class Sample:
 
     @property
     def per_task(self) -> float:
-        return sum(v for k, v in self.commands.items() if k != ROUND_TRIPS)
+        return sum(v for k, v in self.commands.items() if k != ROUND_TRIPS and k not in CPU_PARTS)
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,40 @@ def command_calls(client: redis.Redis) -> dict[str, int]:
     return calls
 
 
+#: Clock ticks per second of /proc's CPU times.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: Pseudo-commands holding CPU seconds, per process kind, turned into µs per task.
+CPU_PARTS = ("cpu main", "cpu pool", "cpu redis")
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of one process (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except OSError:
+                continue
+    return out
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def delta(before: dict[str, int], after: dict[str, int], n: int) -> dict[str, float]:
     out = {name: (calls - before.get(name, 0)) / n for name, calls in after.items()}
     return {name: v for name, v in out.items() if v}
@@ -136,6 +173,7 @@ class Bench:
         self.app = app
         self.store_client = redis.Redis.from_url(self.store.url(0))
         self.count_client = redis.Redis.from_url(self.counts.url(0))
+        self.broker_client = redis.Redis.from_url(self.broker.url(0))
         self.done_key = f"{self.prefix}:bench:done"
 
     def close(self) -> None:
@@ -171,6 +209,8 @@ class Bench:
             wait_for(lambda: finished() >= 1, 60, interval=0.001, message="the first task")
             start, first = time.perf_counter(), finished()
             before = command_calls(self.store_client)
+            pool = children_of(worker.pid)
+            cpu_before = self._cpu(worker.pid, pool)
             wait_for(
                 lambda: finished() >= self.tasks,
                 600,
@@ -179,10 +219,23 @@ class Bench:
             )
             elapsed, last = time.perf_counter() - start, finished()
             after = command_calls(self.store_client)
+            cpu_after = self._cpu(worker.pid, pool)
         finally:
             worker.close()
         n = last - first
-        return Sample(n / elapsed, delta(before, after, n))
+        commands = delta(before, after, n)
+        for part, b, a in zip(CPU_PARTS, cpu_before, cpu_after, strict=True):
+            commands[part] = (a - b) * 1e6 / n
+        return Sample(n / elapsed, commands)
+
+    def _cpu(self, main: int, pool: list[int]) -> tuple[float, float, float]:
+        """CPU seconds so far of the worker's main process, its pool processes, and the
+        broker and store redis-servers together."""
+        return (
+            process_cpu(main),
+            sum(process_cpu(pid) for pid in pool),
+            redis_cpu(self.store_client) + redis_cpu(self.broker_client),
+        )
 
     def publish(self, variant: str, keys: int | None) -> Sample:
         task = self.app.tasks[f"cost.{variant}"]
@@ -215,13 +268,20 @@ def median_of(samples: list[Sample], name: str) -> float:
     return statistics.median(s.commands.get(name, 0.0) for s in samples)
 
 
-def costs_text(samples: list[Sample]) -> tuple[str, str, str]:
-    """Round trips, EVALSHA and all commands (those scripts run included), per task."""
+def costs_text(samples: list[Sample]) -> tuple[str, ...]:
+    """Round trips, EVALSHA and all commands (those scripts run included), per task; CPU
+    µs per task of the worker's main process, its pool processes and the redis-servers
+    ('-' for publish rows)."""
     total = statistics.median(s.per_task for s in samples)
+    cpu = tuple(
+        f"{median_of(samples, part):.0f}" if part in samples[0].commands else "-"
+        for part in CPU_PARTS
+    )
     return (
         f"{median_of(samples, ROUND_TRIPS):.2f}",
         f"{median_of(samples, 'evalsha'):.2f}",
         f"{total:.1f}",
+        *cpu,
     )
 
 
@@ -260,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         "round trips/task",
         "evalsha/task",
         "commands/task",
+        "CPU µs/task: main",
+        "pool",
+        "redis",
     )
     lines = [header]
     for row, base, var in results:
