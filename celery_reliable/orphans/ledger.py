@@ -28,14 +28,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import redis
 from celery.exceptions import Ignore, Reject
 
 from ..core import instruments
 from ..core.chain import ScriptCall, run_chain
 from ..core.extensions import ORDER_LEDGER, Outcome
 from ..core.state import settings_of
-from ..core.store import store_for
+from ..core.store import STORE_ERRORS, store_for
 from ..task import ReliableTask
 from .registry import RegistryKeys, current_worker_id
 from .scripts import LEDGER_END, LEDGER_START
@@ -172,7 +171,7 @@ class LedgerExtension:
             return
         try:
             (reply,) = run_chain(store_for(self.app), [call])
-        except redis.RedisError as exc:
+        except STORE_ERRORS as exc:
             reply = exc
         self._removed(task, reply)
 
