@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback as tb_module
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
@@ -19,8 +19,10 @@ from celery.utils.time import maybe_iso8601
 from kombu.serialization import dumps
 
 from .core import compat
-from .core.extensions import Deferred, Outcome, TaskExtension
+from .core.chain import NOT_RUN, ScriptCall, run_chain
+from .core.extensions import Deferred, Extension, Outcome, StoreExtension, TaskExtension
 from .core.state import extensions_of, settings_of
+from .core.store import STORE_ERRORS, store_for
 from .deadletters.record import DeadLetter, exception_name, now
 from .deadletters.store import WRITE_PATIENCE, DeadLetterStore
 from .errors import PayloadTooLarge
@@ -97,7 +99,7 @@ class ReliableTask(Task):  # type: ignore[misc]
     breaker_exclude: tuple[type[BaseException], ...] = ()
 
     #: Extensions in effect for this task class, resolved on first run in a process.
-    _reliable_extensions: ClassVar[list[TaskExtension] | None] = None
+    _reliable_extensions: ClassVar[list[tuple[Extension, bool]] | None] = None
 
     # --- publishing ---
 
@@ -158,12 +160,9 @@ class ReliableTask(Task):  # type: ignore[misc]
             raise requeue(reason_text(exc.reason), requeue=bool(exc.requeue)) from None
 
     def _run(self, *args: Any, **kwargs: Any) -> Any:
-        extensions = self._extensions()
-        started: list[TaskExtension] = []
+        started: list[Extension] = []
         try:
-            for ext in extensions:
-                ext.before_start(self, args, kwargs)
-                started.append(ext)
+            self._start(args, kwargs, started)
         except Deferred as exc:
             self._finish(started, Outcome("deferred", exc))
             raise
@@ -192,23 +191,81 @@ class ReliableTask(Task):  # type: ignore[misc]
         self._finish(started, Outcome("succeeded"))
         return result
 
-    def _extensions(self) -> list[TaskExtension]:
+    def _extensions(self) -> list[tuple[Extension, bool]]:
+        """``(extension, works in the store)`` for the extensions this task class uses."""
         cls = type(self)
         if cls.__dict__.get("_reliable_extensions") is None:
-            cls._reliable_extensions = [e for e in extensions_of(self.app) if e.applies(self)]
+            cls._reliable_extensions = [
+                (e, hasattr(e, "start_calls")) for e in extensions_of(self.app) if e.applies(self)
+            ]
         return cls._reliable_extensions or []
 
-    def _finish(self, started: list[TaskExtension], outcome: Outcome) -> None:
-        for ext in reversed(started):
+    def _start(self, args: Any, kwargs: Any, started: list[Extension]) -> None:
+        """Start every extension in order; the store extensions' calls are ONE round trip."""
+        plan = self._extensions()
+        calls: list[ScriptCall] = []
+        spans: list[tuple[int, int]] = []
+        for ext, in_store in plan:
+            if in_store:
+                mine = cast(StoreExtension, ext).start_calls(self, args, kwargs)
+                spans.append((len(calls), len(calls) + len(mine)))
+                calls.extend(mine)
+        replies = self._run_calls(calls)
+        spans.reverse()
+        for ext, in_store in plan:
+            if not in_store:
+                cast(TaskExtension, ext).before_start(self, args, kwargs)
+                started.append(ext)
+                continue
+            low, high = spans.pop()
+            mine = replies[low:high]
+            if any(r is NOT_RUN for r in mine):
+                continue  # an earlier gate said no (and that extension did not raise)
+            cast(StoreExtension, ext).started(self, args, kwargs, mine)
+            started.append(ext)
+
+    def _run_calls(self, calls: list[ScriptCall]) -> list[Any]:
+        """The replies of ``calls`` (one round trip); each is the store error if it failed."""
+        if not calls:
+            return []
+        try:
+            return run_chain(store_for(self.app), calls)
+        except STORE_ERRORS as exc:
+            return [exc] * len(calls)
+
+    def _finish(self, started: list[Extension], outcome: Outcome) -> None:
+        ending = list(reversed(started))
+        calls: list[ScriptCall] = []
+        spans: list[tuple[int, int]] = []
+        for ext in ending:
+            if hasattr(ext, "end_calls"):
+                try:
+                    mine = cast(StoreExtension, ext).end_calls(self, outcome)
+                except Exception:
+                    self._log_hook_failure(ext, "end_calls")
+                    mine = ()
+                spans.append((len(calls), len(calls) + len(mine)))
+                calls.extend(mine)
+        replies = self._run_calls(calls)
+        spans.reverse()
+        for ext in ending:
             try:
-                ext.after_return(self, outcome)
+                if hasattr(ext, "end_calls"):
+                    low, high = spans.pop()
+                    cast(StoreExtension, ext).ended(self, outcome, replies[low:high])
+                else:
+                    cast(TaskExtension, ext).after_return(self, outcome)
             except Exception:
-                logger.exception(
-                    "celery_reliable: %s.after_return failed for %s[%s]",
-                    ext.name,
-                    self.name,
-                    self.request.id,
-                )
+                self._log_hook_failure(ext, "end")
+
+    def _log_hook_failure(self, ext: Extension, hook: str) -> None:
+        logger.exception(
+            "celery_reliable: %s.%s failed for %s[%s]",
+            ext.name,
+            hook,
+            self.name,
+            self.request.id,
+        )
 
     def retry(
         self,

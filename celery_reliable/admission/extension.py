@@ -1,8 +1,9 @@
 """Admission control: global rate limits and shared circuit breakers at task start.
 
 One :class:`AdmissionExtension` (``ORDER_ADMISSION``) runs in the pool process before the
-body of every ReliableTask that sets ``global_rate_limit`` or ``breaker``. It makes ONE
-Redis round trip (``admit.lua``, which decides breaker and bucket together) and either
+body of every ReliableTask that sets ``global_rate_limit`` or ``breaker``. Its ONE script
+(``admit.lua``, which decides breaker and bucket together) rides in the task's one store
+round trip at start, with the other features' scripts, and either
 lets the task run or defers it: the task is re-published with a countdown equal to the
 wait the script computed (its reserved token slot, or the end of the breaker's reset
 timeout) and :class:`~celery_reliable.core.extensions.Deferred` is raised, so the message is
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ import redis
 from celery import bootsteps
 
 from ..core import instruments
+from ..core.chain import ScriptCall
 from ..core.extensions import ORDER_ADMISSION, Deferred, Outcome
 from ..core.state import add_extension, settings_of
 from ..core.store import RedisStore, store_for
@@ -157,9 +159,9 @@ class AdmissionExtension:
         spec = self.spec(task)
         return spec.bucket is not None or spec.breaker is not None
 
-    def before_start(
+    def start_calls(
         self, task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    ) -> Sequence[ScriptCall]:
         spec = self.spec(task)
         store = store_for(self.app)
         request = task.request
@@ -184,12 +186,23 @@ class AdmissionExtension:
                 int(spec.breaker.probe_lease * _US),
             ]
             argv[9] = int(HALF_OPEN_RECHECK_SECONDS * _US)
-        try:
-            verdict, wait_us, slot_us, state, probe, fails, trans = store.run(ADMIT, keys, argv)
-        except redis.RedisError as exc:
+        return (ScriptCall(ADMIT, keys, argv, gate=True),)
+
+    def started(
+        self,
+        task: ReliableTask,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        replies: Sequence[Any],
+    ) -> None:
+        spec = self.spec(task)
+        request = task.request
+        (reply,) = replies
+        if isinstance(reply, Exception):  # the store error that stopped the phase
             instruments.store_error("admission")
-            self._redis_unreachable(task, exc)
+            self._redis_unreachable(task, reply)
             return
+        verdict, wait_us, slot_us, state, probe, fails, trans = reply
         if spec.breaker is not None:
             if trans:
                 logger.warning(
@@ -209,22 +222,30 @@ class AdmissionExtension:
         reason = "rate limit" if verdict == "bucket" else f"breaker {state}"
         defer(task, args, kwargs, int(wait_us) / _US, int(slot_us), reason)
 
-    def after_return(self, task: ReliableTask, outcome: Outcome) -> None:
+    def end_calls(self, task: ReliableTask, outcome: Outcome) -> Sequence[ScriptCall]:
         spec = self.spec(task).breaker
         ticket: _Ticket | None = getattr(task.request, "_reliable_ticket", None)
         if spec is None or ticket is None:
-            return
+            return ()
         kind = outcome_kind(spec, outcome.exc, outcome.kind)
         if not ticket.probe and (kind == "release" or (kind == "success" and ticket.fails == 0)):
-            return  # nothing to change: no round trip
+            return ()  # nothing to change: no script
         store = store_for(self.app)
-        try:
-            state, fails, opened_at, trans = store.run(
+        return (
+            ScriptCall(
                 BREAKER_REPORT,
                 [breaker_key(store, spec.name), breaker_index_key(store)],
                 [kind, task.request.id, spec.fail_max, spec.name],
-            )
-        except redis.RedisError as exc:
+            ),
+        )
+
+    def ended(self, task: ReliableTask, outcome: Outcome, replies: Sequence[Any]) -> None:
+        spec = self.spec(task).breaker
+        if spec is None or not replies:
+            return
+        (reply,) = replies
+        kind = outcome_kind(spec, outcome.exc, outcome.kind)
+        if isinstance(reply, Exception):  # the store error that stopped the phase
             instruments.store_error("breaker_report")
             logger.warning(
                 "celery_reliable: could not report %s of %s[%s] to breaker %r: %r",
@@ -232,9 +253,10 @@ class AdmissionExtension:
                 task.name,
                 task.request.id,
                 spec.name,
-                exc,
+                reply,
             )
             return
+        state, fails, opened_at, trans = reply
         if trans:
             logger.warning(
                 "celery_reliable: breaker %r -> %s (%s of %s[%s], %d consecutive failures)",

@@ -14,10 +14,21 @@ the pool process that runs the task:
 
 Extensions must decide cheaply per task (``applies``) so tasks that use no feature pay
 nothing.
+
+An extension that works in the coordination store implements :class:`StoreExtension`
+instead: it returns its script calls (``start_calls``, ``end_calls``) and gets their replies
+(``started``, ``ended``) at the same points. ReliableTask runs the calls of every such
+extension of a phase as ONE script (:func:`~celery_reliable.core.chain.run_chain`), so a
+task makes at most one round trip to the store at start and one at the end, whatever
+features it uses. A start call marked ``gate`` that does not answer ``['run', ...]`` ends
+the chain: the extensions after it get no ``started`` and no ``ended``. When the store
+cannot be reached, each extension's replies are the ``redis.RedisError`` itself, and its
+``started``/``ended`` applies its own policy (requeue, run unrecorded, fail open...).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -85,3 +96,71 @@ class TaskExtension(Protocol):
     def after_return(self, task: ReliableTask, outcome: Outcome) -> None:
         """Run after the body (and the dead-letter write), before the ack."""
         ...
+
+
+class LuaSource(Protocol):
+    """A Lua script by name and text (:class:`celery_reliable.core.store.Lua`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def source(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """One script a :class:`StoreExtension` wants run, as a step of the task's one script
+    of the phase (:func:`celery_reliable.core.chain.run_chain`).
+
+    Parameters:
+      lua: the script (a ``Lua`` of the feature's ``scripts.py``).
+      keys: its KEYS.
+      args: its ARGV.
+      gate: end the phase's script after this step unless the reply is ``['run', ...]``.
+    """
+
+    lua: LuaSource
+    keys: Sequence[str]
+    args: Sequence[Any]
+    gate: bool = False
+
+
+class StoreExtension(Protocol):
+    """A reliability feature whose per-task store work rides in the task's one round trip
+    at start and one at the end (see the module's docstring)."""
+
+    name: str
+    #: Position among extensions (see ``ORDER_*``); lower runs first at start.
+    order: int
+
+    def applies(self, task: ReliableTask) -> bool:
+        """Whether this task uses the feature (called once per task class and process)."""
+        ...
+
+    def start_calls(
+        self, task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Sequence[ScriptCall]:
+        """The scripts to run before the body (none: ``started`` gets no replies)."""
+        ...
+
+    def started(
+        self,
+        task: ReliableTask,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        replies: Sequence[Any],
+    ) -> None:
+        """Act on the replies (or the RedisError); raise :class:`Deferred` to not run now."""
+        ...
+
+    def end_calls(self, task: ReliableTask, outcome: Outcome) -> Sequence[ScriptCall]:
+        """The scripts to run after the body (and the dead-letter write), before the ack."""
+        ...
+
+    def ended(self, task: ReliableTask, outcome: Outcome, replies: Sequence[Any]) -> None:
+        """Act on the end replies (or the RedisError)."""
+        ...
+
+
+#: What ``add_extension`` accepts.
+Extension = TaskExtension | StoreExtension

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Settings
 
 if TYPE_CHECKING:
-    from .extensions import TaskExtension
+    from .extensions import Extension
 
 _SETTINGS_ATTR = "_celery_reliable_settings"
 _EXTENSIONS_ATTR = "_celery_reliable_extensions"
@@ -37,12 +37,12 @@ def refresh_settings(app: Any) -> Settings:
     return settings
 
 
-def extensions_of(app: Any) -> list[TaskExtension]:
+def extensions_of(app: Any) -> list[Extension]:
     """The task extensions features registered on ``app``, in order."""
     return list(getattr(app, _EXTENSIONS_ATTR, ()))
 
 
-def add_extension(app: Any, extension: TaskExtension) -> None:
+def add_extension(app: Any, extension: Extension) -> None:
     """Register a task extension on ``app`` (features call this from their installer)."""
     current = getattr(app, _EXTENSIONS_ATTR, None)
     if current is None:

@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,12 +47,13 @@ from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
 
 from ..core import instruments
+from ..core.chain import ScriptCall
 from ..core.extensions import ORDER_ORDERING, Deferred, Outcome
 from ..core.state import settings_of
-from ..core.store import STORE_ERRORS, RedisStore, store_for
+from ..core.store import RedisStore, store_for
 from ..errors import ConfigurationError
 from ..task import reason_text, requeue
-from .scripts import ORD_END, ORD_PUBLISH, ORD_RENEW, ORD_START
+from .scripts import ORD_END, ORD_INDEX, ORD_PUBLISH, ORD_RENEW, ORD_START
 
 logger = logging.getLogger(__name__)
 
@@ -384,19 +385,21 @@ class OrderingExtension:
     def applies(self, task: Any) -> bool:
         return ordering_spec(task) is not None
 
-    def before_start(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def start_calls(
+        self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Sequence[ScriptCall]:
         request = task.request
         place = Place.from_header((request.headers or {}).get(HEADER))
         if place is None:
-            self._unsequenced(task)
-            return
+            return ()
         store = store_for(self.app)
         settings = settings_of(self.app)
         keys = key_names(store, place.group, place.key)
         member = json.dumps([place.group, place.key])
-        try:
-            batch = store.pipeline()
-            batch.run(
+        request._reliable_place = (place, keys)
+        return (
+            ScriptCall(ORD_INDEX, [index_key(store)], [member, int(time.time() * 1000)]),
+            ScriptCall(
                 ORD_START,
                 keys,
                 [
@@ -405,18 +408,32 @@ class OrderingExtension:
                     signature_payload(task),
                     STATE_TTL_MS,
                 ],
-            )
-            batch.command("zadd", index_key(store), {member: int(time.time() * 1000)})
-            reply = batch.execute()[0]
-        except STORE_ERRORS as exc:
+                gate=True,
+            ),
+        )
+
+    def started(
+        self,
+        task: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        replies: Sequence[Any],
+    ) -> None:
+        request = task.request
+        if not replies:
+            self._unsequenced(task)
+            return
+        place, keys = request._reliable_place
+        reply = replies[-1]
+        if isinstance(reply, Exception):  # the store error that stopped the phase
             instruments.store_error("ordering")
             logger.error(
                 "ordering: cannot reach Redis to start %s[%s] (%r); requeueing it",
                 task.name,
                 request.id,
-                exc,
+                reply,
             )
-            raise requeue(f"ordering start failed: {reason_text(exc)}") from None
+            raise requeue(f"ordering start failed: {reason_text(reply)}") from None
         verdict = reply[0]
         if verdict == "run":
             token = int(reply[1])
@@ -428,7 +445,7 @@ class OrderingExtension:
         # stale: its turn has passed
         if int(reply[1]):
             self._skipped_arrival(task, place)
-        count(store, "duplicates")
+        count(store_for(self.app), "duplicates")
         logger.info(
             "ordering: %s[%s] (%s #%s) already ran; dropping the duplicate delivery",
             task.name,
@@ -438,26 +455,43 @@ class OrderingExtension:
         )
         raise Ignore()
 
-    def after_return(self, task: Any, outcome: Outcome) -> None:
+    def end_calls(self, task: Any, outcome: Outcome) -> Sequence[ScriptCall]:
+        held = self._held.get(task.request.id)
+        if held is None:
+            return ()
+        again, wait_s = end_mode(outcome)
+        gap = settings_of(self.app).ordering_gap_timeout
+        return (
+            ScriptCall(
+                ORD_END,
+                held.keys,
+                [
+                    held.place.seq,
+                    held.token,
+                    "again" if again else "done",
+                    int((wait_s + gap) * 1000),
+                ],
+            ),
+        )
+
+    def ended(self, task: Any, outcome: Outcome, replies: Sequence[Any]) -> None:
         held = self._held.pop(task.request.id, None)
         if held is None:
             return
         self.leases.release(held.token)
-        again, wait_s = end_mode(outcome)
-        gap = settings_of(self.app).ordering_gap_timeout
-        store = store_for(self.app)
-        reply = store.run(
-            ORD_END,
-            held.keys,
-            [
+        (reply,) = replies
+        if isinstance(reply, Exception):  # the store error that stopped the phase
+            logger.error(
+                "ordering: could not end %s[%s] (key %r #%s): %r",
+                task.name,
+                task.request.id,
+                held.place.key,
                 held.place.seq,
-                held.token,
-                "again" if again else "done",
-                int((wait_s + gap) * 1000),
-            ],
-        )
+                reply,
+            )
+            return
         if reply[0] == "fenced":
-            count(store, "fenced")
+            count(store_for(self.app), "fenced")
             logger.error(
                 "ordering: %s[%s] lost key %r #%s to a newer holder (its lease expired); "
                 "it did not advance the key",

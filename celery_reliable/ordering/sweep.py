@@ -28,7 +28,7 @@ from celery import bootsteps
 from celery.signals import task_revoked
 
 from ..core.state import settings_of
-from ..core.store import store_for
+from ..core.store import RedisStore, store_for
 from .extension import (
     HEADER,
     STATE_TTL_MS,
@@ -88,12 +88,16 @@ def sweep_once(
         group, key = json.loads(member)
         batch.run(ORD_SWEEP, key_names(store, group, key), [int(gap * 1000), int(handoff * 1000)])
     replies = batch.execute()
-    republished = skipped = idle = 0
-    for (member, score), reply in zip(members, replies, strict=True):
+    republished = skipped = 0
+    idle_members = [
+        (member, score)
+        for (member, score), reply in zip(members, replies, strict=True)
+        if reply[0] == "idle"
+    ]
+    idle = _unindex(store, index, idle_members)
+    for (member, _), reply in zip(members, replies, strict=True):
         verdict = reply[0]
-        if verdict == "idle":
-            idle += store.run(ORD_UNINDEX, [index], [member, str(int(score))])
-        elif verdict == "republish":
+        if verdict == "republish":
             republish(app, reply[1])
             republished += 1
         elif verdict == "skipped":
@@ -116,6 +120,16 @@ def sweep_once(
     if republished:
         count(store, "republished", republished)
     return SweepReport(len(members), republished, skipped, idle)
+
+
+def _unindex(store: RedisStore, index: str, members: list[tuple[str, float]]) -> int:
+    """Drop idle keys from the index, all in one round trip; how many were dropped."""
+    if not members:
+        return 0
+    batch = store.pipeline()
+    for member, score in members:
+        batch.run(ORD_UNINDEX, [index], [member, str(int(score))])
+    return sum(int(n) for n in batch.execute())
 
 
 def on_task_revoked(app: Any, request: Any, terminated: bool) -> None:

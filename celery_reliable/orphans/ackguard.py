@@ -54,13 +54,21 @@ class AckGuardStep(bootsteps.StartStopStep):  # type: ignore[misc]
             return
         original_ack, original_reject = qos.ack, qos.reject
 
+        # On a healthy worker the first test is the whole cost of an ack (one clock read);
+        # the tag is looked at only when a reap happened or the heartbeat went stale.
         def ack(delivery_tag: Any) -> None:
+            if heart.all_clear():
+                original_ack(delivery_tag)
+                return
             if heart.surrendered(str(delivery_tag), REAPED_CHECK_WAIT):
                 _skip(qos, delivery_tag, "acknowledge")
                 return
             original_ack(delivery_tag)
 
         def reject(delivery_tag: Any, requeue: bool = False) -> None:
+            if heart.all_clear():
+                original_reject(delivery_tag, requeue=requeue)
+                return
             if heart.surrendered(str(delivery_tag), REAPED_CHECK_WAIT):
                 _skip(qos, delivery_tag, "requeue" if requeue else "reject")
                 return

@@ -3,7 +3,9 @@
 A :class:`LedgerExtension` runs in the pool process around every ReliableTask. At start it
 writes ``task id -> {delivery tag, task, exchange, routing key, start time}`` into the
 ledger of the worker (``<prefix>:{reaper}:ledger:<worker id>``) and reads the task's
-recovery count, in one Lua round trip; at the end it removes the entry, in one more. A task
+recovery count (``ledger_start.lua``); at the end it removes the entry (``ledger_end.lua``).
+Both scripts ride in the task's one store round trip of each phase, with the other
+features' scripts (:mod:`celery_reliable.core.chain`). A task
 orphaned ``reliable_max_recoveries`` times is dead-lettered (reason
 ``orphaned``) instead of run: on the Redis broker the reaper does that itself, but on
 RabbitMQ the broker redelivers a dead consumer's messages on its own, so this check is how
@@ -23,15 +25,16 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
-import redis
 from celery.exceptions import Ignore, Reject
 
 from ..core import instruments
+from ..core.chain import ScriptCall, run_chain
 from ..core.extensions import ORDER_LEDGER, Outcome
 from ..core.state import settings_of
-from ..core.store import store_for
+from ..core.store import STORE_ERRORS, store_for
 from ..task import ReliableTask
 from .registry import RegistryKeys, current_worker_id
 from .scripts import LEDGER_END, LEDGER_START
@@ -74,15 +77,14 @@ class LedgerExtension:
     def applies(self, task: ReliableTask) -> bool:
         return True
 
-    def before_start(
+    def start_calls(
         self, task: ReliableTask, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    ) -> Sequence[ScriptCall]:
         worker_id = current_worker_id()
         if worker_id is None:  # not inside a worker that runs the registry step
-            return
+            return ()
         request = task.request
-        store = store_for(self.app)
-        keys = RegistryKeys(store)
+        keys = RegistryKeys(store_for(self.app))
         properties = request.properties or {}
         info = request.delivery_info or {}
         entry = {
@@ -93,25 +95,38 @@ class LedgerExtension:
             "t": time.time(),
             "pid": os.getpid(),
         }
-        try:
-            recoveries = int(
-                store.run(
-                    LEDGER_START,
-                    keys=[keys.ledger(worker_id), keys.workers, keys.recoveries(request.id)],
-                    args=[worker_id, request.id, json.dumps(entry)],
-                )
-            )
-        except redis.RedisError as exc:
+        setattr(request, _RECORDED_ATTR, worker_id)
+        return (
+            ScriptCall(
+                LEDGER_START,
+                [keys.ledger(worker_id), keys.workers, keys.recoveries(request.id)],
+                [worker_id, request.id, json.dumps(entry)],
+            ),
+        )
+
+    def started(
+        self,
+        task: ReliableTask,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        replies: Sequence[Any],
+    ) -> None:
+        if not replies:
+            return
+        request = task.request
+        (reply,) = replies
+        if isinstance(reply, Exception):  # the store error that stopped the phase
             instruments.store_error("ledger")
+            setattr(request, _RECORDED_ATTR, None)
             logger.warning(
                 "celery_reliable: could not record %s[%s] in the in-flight ledger (%r); it runs"
                 " unrecorded (recovered only by the broker's visibility timeout if lost)",
                 task.name,
                 request.id,
-                exc,
+                reply,
             )
             return
-        setattr(request, _RECORDED_ATTR, worker_id)
+        recoveries = int(reply)
         limit = settings_of(self.app).max_recoveries
         if recoveries and recoveries >= limit:
             self._give_up(task, recoveries, limit)
@@ -129,26 +144,42 @@ class LedgerExtension:
         self._remove(task, terminal=True)
         raise exc
 
-    def after_return(self, task: ReliableTask, outcome: Outcome) -> None:
-        self._remove(task, terminal=outcome.kind in TERMINAL_OUTCOMES)
+    def end_calls(self, task: ReliableTask, outcome: Outcome) -> Sequence[ScriptCall]:
+        call = self._end_call(task, terminal=outcome.kind in TERMINAL_OUTCOMES)
+        return () if call is None else (call,)
 
-    def _remove(self, task: ReliableTask, terminal: bool) -> None:
+    def ended(self, task: ReliableTask, outcome: Outcome, replies: Sequence[Any]) -> None:
+        for reply in replies:
+            self._removed(task, reply)
+
+    def _end_call(self, task: ReliableTask, terminal: bool) -> ScriptCall | None:
         request = task.request
         worker_id = getattr(request, _RECORDED_ATTR, None)
         if worker_id is None:
+            return None
+        keys = RegistryKeys(store_for(self.app))
+        return ScriptCall(
+            LEDGER_END,
+            [keys.ledger(worker_id), keys.recoveries(request.id), keys.stats],
+            [request.id, "1" if terminal else "0"],
+        )
+
+    def _remove(self, task: ReliableTask, terminal: bool) -> None:
+        """Take the run out of the ledger now (a round trip of its own: rare paths only)."""
+        call = self._end_call(task, terminal)
+        if call is None:
             return
-        setattr(request, _RECORDED_ATTR, None)
-        store = store_for(self.app)
-        keys = RegistryKeys(store)
         try:
-            removed = int(
-                store.run(
-                    LEDGER_END,
-                    keys=[keys.ledger(worker_id), keys.recoveries(request.id), keys.stats],
-                    args=[request.id, "1" if terminal else "0"],
-                )
-            )
-        except redis.RedisError as exc:
+            (reply,) = run_chain(store_for(self.app), [call])
+        except STORE_ERRORS as exc:
+            reply = exc
+        self._removed(task, reply)
+
+    def _removed(self, task: ReliableTask, reply: Any) -> None:
+        request = task.request
+        worker_id = getattr(request, _RECORDED_ATTR, None)
+        setattr(request, _RECORDED_ATTR, None)
+        if isinstance(reply, Exception):  # the store error that stopped the phase
             instruments.store_error("ledger")
             logger.warning(
                 "celery_reliable: could not remove %s[%s] from the in-flight ledger (%r); if"
@@ -156,10 +187,10 @@ class LedgerExtension:
                 " (already acknowledged) message back, which is then a no-op",
                 task.name,
                 request.id,
-                exc,
+                reply,
             )
             return
-        if not removed:
+        if not int(reply):
             logger.warning(
                 "celery_reliable: %s[%s] finished on worker %s after a reaper had declared the"
                 " worker dead and recovered the task: it has probably run twice",

@@ -428,6 +428,11 @@ class Heartbeat:
         if self._surrendered:
             self._surrendered.discard(tag)
 
+    def all_clear(self) -> bool:
+        """True while nothing was surrendered and the last beat is fresh: then no tag can
+        be surrendered, and an ack needs no other check (one clock read)."""
+        return not self._surrendered and time.monotonic() - self._last_ok <= self.timeout
+
     def surrendered(self, tag: str, wait: float) -> bool:
         """Whether a reaper gave ``tag``'s message back (so it must not be acked).
 
