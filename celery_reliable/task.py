@@ -21,7 +21,8 @@ from kombu.serialization import dumps
 from .core import compat
 from .core.extensions import Deferred, Outcome, TaskExtension
 from .core.state import extensions_of, settings_of
-from .deadletters.record import DeadLetter, exception_name, now
+from .deadletters import record
+from .deadletters.record import DeadLetter
 from .deadletters.store import WRITE_PATIENCE, DeadLetterStore
 from .errors import PayloadTooLarge
 
@@ -49,7 +50,7 @@ def _due_at(options: dict[str, Any]) -> float:
 def reason_text(reason: object) -> str:
     """A Reject reason as text: ``module.Class: message`` for an exception."""
     if isinstance(reason, BaseException):
-        return f"{exception_name(reason)}: {reason}"
+        return f"{record.exception_name(reason)}: {reason}"
     return str(reason)
 
 
@@ -288,26 +289,21 @@ class ReliableTask(Task):  # type: ignore[misc]
     ) -> DeadLetter:
         """A dead letter for the current request."""
         request = self.request
-        info = request.delivery_info or {}
-        return DeadLetter(
-            id=request.id,
+        info = request.delivery_info if isinstance(request.delivery_info, dict) else {}
+        return record.build(
             task_id=request.id,
             task=self.name,
-            args=list(request.args or ()),
-            kwargs=dict(request.kwargs or {}),
-            queue=info.get("routing_key"),
             reason=reason,
-            exception=exception_name(exc),
-            error=str(exc),
+            exc=exc,
             traceback=traceback,
-            retries=int(request.retries or 0),
+            args=request.args if request.args is not None else (),
+            kwargs=request.kwargs,
+            retries=request.retries,
             hostname=request.hostname,
-            failed_at=now(),
             exchange=info.get("exchange"),
             routing_key=info.get("routing_key"),
             priority=info.get("priority"),
             headers={k: v for k, v in (request.headers or {}).items() if k != PUBLISHED_HEADER},
-            replayed_from=(request.headers or {}).get("x-reliable-replayed-from"),
         )
 
     def on_failure(
@@ -316,17 +312,14 @@ class ReliableTask(Task):  # type: ignore[misc]
         """Dead-letter hard time limits, which Celery reports in the worker's main process
         (the pool process was killed, so ``__call__`` never saw the failure)."""
         if isinstance(exc, TimeLimitExceeded) and self.dead_letter and self.request.id != task_id:
-            entry = DeadLetter(
-                id=task_id,
+            entry = record.build(
                 task_id=task_id,
                 task=self.name,
-                args=list(args or ()),
-                kwargs=dict(kwargs or {}),
                 reason="time_limit",
-                exception=exception_name(exc),
-                error=str(exc),
+                exc=exc,
                 traceback=getattr(einfo, "traceback", None),
-                failed_at=now(),
+                args=args if args is not None else (),
+                kwargs=kwargs,
             )
             try:
                 DeadLetterStore(self.app).add(entry)
