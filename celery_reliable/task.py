@@ -8,6 +8,7 @@ Examples:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 import traceback as tb_module
@@ -24,7 +25,7 @@ from .core.state import extensions_of, settings_of
 from .deadletters import record
 from .deadletters.record import DeadLetter
 from .deadletters.store import WRITE_PATIENCE, DeadLetterStore
-from .errors import PayloadTooLarge
+from .errors import ConfigurationError, PayloadTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,80 @@ def requeue(reason: str, requeue: bool = True) -> Reject:
     return Reject(reason, requeue=requeue)
 
 
+#: The options ReliableTask adds (each documented on the class).
+RELIABLE_OPTIONS = (
+    "dead_letter",
+    "dead_letter_for",
+    "ordering_key",
+    "ordering_group",
+    "global_rate_limit",
+    "global_rate_burst",
+    "global_rate_key",
+    "breaker",
+    "breaker_fail_max",
+    "breaker_reset_timeout",
+    "breaker_exclude",
+    "breaker_probe_lease",
+)
+#: Task options Celery reads that are not attributes of its Task class.
+CELERY_OPTIONS = (
+    "autoretry_for",
+    "dont_autoretry_for",
+    "retry_kwargs",
+    "retry_backoff",
+    "retry_backoff_max",
+    "retry_jitter",
+    "pydantic",
+    "pydantic_strict",
+    "pydantic_context",
+    "pydantic_dump_kwargs",
+)
+#: A new class attribute starting with one of these and naming no option is a typo.
+OPTION_PREFIXES = ("dead_letter", "ordering_", "global_rate", "breaker")
+#: How close (difflib ratio) an unknown attribute must be to an option to be a typo.
+TYPO_CUTOFF = 0.8
+
+
+def check_options(cls: type) -> None:
+    """Validate the options a task class sets (its own class attributes).
+
+    Raises:
+        ConfigurationError: naming the option, with the task in the message.
+    """
+    own = vars(cls)
+    task = own.get("name") or cls.__qualname__
+    inherited: set[str] = set()
+    for base in cls.__mro__[1:]:
+        inherited.update(vars(base))
+    known = set(RELIABLE_OPTIONS) | set(CELERY_OPTIONS) | inherited
+    for attr in own:
+        if attr.startswith("_") or attr in known:
+            continue
+        close = difflib.get_close_matches(attr, sorted(known), n=1, cutoff=TYPO_CUTOFF)
+        if close or attr.startswith(OPTION_PREFIXES):
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigurationError(attr, f"task {task!r}: unknown option (a typo?){hint}")
+    if "dead_letter" in own and not isinstance(own["dead_letter"], bool):
+        raise ConfigurationError(
+            "dead_letter", f"task {task!r}: expected True or False, got {own['dead_letter']!r}"
+        )
+    for option in ("dead_letter_for", "breaker_exclude"):
+        if option in own:
+            _exception_types(option, own[option], task)
+
+
+def _exception_types(option: str, value: Any, task: str) -> None:
+    def is_exception(item: Any) -> bool:
+        return isinstance(item, type) and issubclass(item, BaseException)
+
+    if isinstance(value, tuple | list) and all(is_exception(item) for item in value):
+        return
+    example = f" (write ({value.__name__},))" if is_exception(value) else ""
+    raise ConfigurationError(
+        option, f"task {task!r}: expected a tuple of exception types, got {value!r}{example}"
+    )
+
+
 class ReliableTask(Task):  # type: ignore[misc]
     """A Celery Task that is hard to lose.
 
@@ -99,6 +174,13 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     #: Extensions in effect for this task class, resolved on first run in a process.
     _reliable_extensions: ClassVar[list[TaskExtension] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the options of every task class as it is defined (``@app.task(...)``
+        creates one): a wrong type or an unknown name close to an option raises
+        :class:`~celery_reliable.errors.ConfigurationError` naming the task and option."""
+        super().__init_subclass__(**kwargs)
+        check_options(cls)
 
     # --- publishing ---
 

@@ -240,6 +240,8 @@ def body_text(raw: Any) -> str | None:
         return None
     if isinstance(raw, bytes | bytearray | memoryview):
         return bytes(raw)[: MAX_FIELD_CHARS + 1].decode("utf-8", errors="replace")
+    if isinstance(raw, str):  # py-amqp hands over text bodies already decoded
+        return raw[: MAX_FIELD_CHARS + 1]
     return repr(raw)[: MAX_FIELD_CHARS + 1]
 
 
