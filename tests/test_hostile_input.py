@@ -207,7 +207,7 @@ def schedules_later(headers: dict[str, Any]) -> bool:
     return False
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(max(600, FUZZ_EXAMPLES * 3))
 def test_fuzzed_messages_run_or_are_dead_lettered_once(broker, start_worker):
     """Any JSON value in any protocol-2 header and any body shape, each message followed
     by a good task: the main process never exits, every good task runs, and every bad
