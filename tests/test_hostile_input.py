@@ -92,14 +92,15 @@ def test_poison_messages_are_dead_lettered_and_the_worker_keeps_serving(broker, 
         task_id = str(uuid.uuid4())
         publish(ns, json.dumps(body).encode(), v2_headers("basic.ok", task_id))
         expected[task_id] = case
-    publish(ns, json.dumps([[1], {}, {}]).encode(), {**v2_headers("basic.ok", "x"), "id": 5})
-    expected["5"] = "id a number"
-    publish(ns, json.dumps([[1], {}, {}]).encode(), {**v2_headers("basic.ok", "x"), "id": None})
+    for odd_id in (5, None, [], []):  # ids that are no string: entry ids of their own
+        publish(
+            ns, json.dumps([[1], {}, {}]).encode(), {**v2_headers("basic.ok", "x"), "id": odd_id}
+        )
     for _ in range(2):  # twins: no headers, the same body
         publish(ns, b'{"same": "body"}', {})
     ok = app.tasks["basic.ok"].delay(2)
 
-    total = len(expected) + 3
+    total = len(expected) + 6
     wait_for(
         lambda: store.count() == total,
         60,
@@ -111,7 +112,15 @@ def test_poison_messages_are_dead_lettered_and_the_worker_keeps_serving(broker, 
         assert entry is not None, f"{case}: no dead letter"
         assert entry.reason == "malformed", (case, entry)
         assert entry.body is not None and entry.queue == ns.queue, case
-    assert len(entries) == 3 and all(e.id.startswith("msg-") for e in entries.values())
+    assert len(entries) == 6 and all(e.id.startswith("msg-") for e in entries.values())
+    assert sorted(str(e.task_id) for e in entries.values()) == [
+        "5",
+        "None",
+        "None",
+        "None",
+        "[]",
+        "[]",
+    ]
     assert sorted(e.body for e in entries.values()).count('{"same": "body"}') == 2
     wait_for(lambda: ok.id in [e["id"] for e in events(app, "succeeded")], 30)
     assert [e["x"] for e in events(app, "succeeded")] == [2]  # no bad message ran

@@ -256,14 +256,15 @@ def raw_bytes(message: Any) -> bytes:
         return repr(body).encode()
 
 
-def message_entry_id(message: Any, task_id: str | None) -> str:
-    """The entry id of a dead-lettered message: its task id when it has a usable one.
+def message_entry_id(message: Any, task_id: Any) -> str:
+    """The entry id of a dead-lettered message: its task id when that is a usable string.
 
-    Otherwise ``msg-<sha1 of the body>-<unique part>``: the broker's delivery tag when it
-    is a string that survives redelivery (kombu's Redis transport), so a message written
-    twice is still one entry, else a random part, so two equal messages are two entries.
+    Otherwise (no id, or a number, a list...: their text could equal another message's)
+    ``msg-<sha1 of the body>-<unique part>``: the broker's delivery tag when it is a string
+    that survives redelivery (kombu's Redis transport), so a message written twice is
+    still one entry, else a random part, so two equal messages are two entries.
     """
-    if task_id is not None and len(task_id) <= MAX_NAME_CHARS:
+    if isinstance(task_id, str) and 0 < len(task_id) <= MAX_NAME_CHARS:
         return task_id
     digest = hashlib.sha1(raw_bytes(message)).hexdigest()[:20]
     tag = getattr(message, "delivery_tag", None)
@@ -373,10 +374,9 @@ def from_message(
         task = task if task is not None else decoded.get("task")
     found = arguments(decoded) if reason != "malformed" else None
     routing_key = routing_key if routing_key is not None else info.get("routing_key")
-    tid = text(task_id, MAX_NAME_CHARS + 1)
     return build(
-        entry_id=message_entry_id(message, tid),
-        task_id=tid,
+        entry_id=message_entry_id(message, task_id),
+        task_id=task_id,
         task=task,
         reason=reason,
         exc=exc,
