@@ -16,6 +16,14 @@ from tests.apps.common import install, make_app, record
 MARK = "x-fuzz"
 
 
+#: Task options a test can give the task ``hostile.bad`` (``CR_BAD_OPTIONS=<name>``).
+BAD_OPTIONS: dict[str, dict[str, Any]] = {
+    "not_a_tuple": {"dead_letter_for": ValueError},
+    "typo": {"ordering_kye": "n"},
+    "nan_reset": {"breaker": "b", "breaker_reset_timeout": float("nan")},
+}
+
+
 def build(app: Celery) -> Celery:
     @app.task(base=ReliableTask, bind=True, shared=False, name="hostile.sink")
     def sink(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -30,6 +38,13 @@ def build(app: Celery) -> Celery:
 
     for suffix, group in (("x", "x"), ("xa", "x:a")):
         ordered(app, f"hostile.ordered_{suffix}", group)
+
+    bad = os.environ.get("CR_BAD_OPTIONS")  # a task with the bad options named there
+    if bad:
+
+        def bad_task(n: int) -> None: ...
+
+        app.task(base=ReliableTask, shared=False, name="hostile.bad", **BAD_OPTIONS[bad])(bad_task)
     return app
 
 
