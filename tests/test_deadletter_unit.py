@@ -74,3 +74,14 @@ def test_messages_without_an_id_are_told_apart_by_their_delivery_tag():
     assert entry(b"same", "tag-1").id == entry(b"same", "tag-1").id != entry(b"same", "tag-2").id
     assert entry(b"same", 7).id != entry(b"same", 7).id  # AMQP tags are per channel
     assert entry(b"same").id.startswith("msg-")
+
+
+def test_the_builder_stores_every_field_with_its_type():
+    """A request's ``retries`` of ``"abc"`` used to raise while the dead letter was being
+    built, so the failure was lost; the builder stores 0 (and text for odd ids)."""
+    from celery_reliable.deadletters.record import build
+
+    entry = build(task_id=5, task=["t"], reason="max_retries", retries="abc", args=None)
+    assert (entry.id, entry.task_id, entry.task, entry.retries) == ("5", "5", "['t']", 0)
+    assert entry.args == [] and entry.body == "[None, None]"
+    assert build(task_id="i", task="t", reason="max_retries", retries=float("nan")).retries == 0
