@@ -20,7 +20,6 @@ MARK = "x-fuzz"
 BAD_OPTIONS: dict[str, dict[str, Any]] = {
     "not_a_tuple": {"dead_letter_for": ValueError},
     "typo": {"ordering_kye": "n"},
-    "nan_reset": {"breaker": "b", "breaker_reset_timeout": float("nan")},
 }
 
 
