@@ -160,7 +160,8 @@ def rabbit_ns(ns: Any) -> Iterator[Any]:
 def test_bad_input_and_failures_are_dead_lettered_on_rabbitmq(rabbit_ns, start_worker):
     ns = rabbit_ns
     app = ns.app(basic.build)
-    worker = start_worker("basic", env={"CR_BROKER_URL": AMQP_URL})
+    # a name of its own: the pidbox queue is broker-wide on the shared RabbitMQ
+    worker = start_worker("basic", name=f"h{uuid.uuid4().hex[:8]}", env={"CR_BROKER_URL": AMQP_URL})
     store = DeadLetterStore(app)
     bad_id = str(uuid.uuid4())
     with Connection(AMQP_URL) as conn:
