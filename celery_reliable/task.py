@@ -8,6 +8,7 @@ Examples:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 import traceback as tb_module
@@ -23,9 +24,10 @@ from .core.chain import NOT_RUN, ScriptCall, run_chain
 from .core.extensions import Deferred, Extension, Outcome, StoreExtension, TaskExtension
 from .core.state import extensions_of, settings_of
 from .core.store import STORE_ERRORS, store_for
-from .deadletters.record import DeadLetter, exception_name, now
+from .deadletters import record
+from .deadletters.record import DeadLetter
 from .deadletters.store import WRITE_PATIENCE, DeadLetterStore
-from .errors import PayloadTooLarge
+from .errors import ConfigurationError, PayloadTooLarge
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def _due_at(options: dict[str, Any]) -> float:
 def reason_text(reason: object) -> str:
     """A Reject reason as text: ``module.Class: message`` for an exception."""
     if isinstance(reason, BaseException):
-        return f"{exception_name(reason)}: {reason}"
+        return f"{record.exception_name(reason)}: {reason}"
     return str(reason)
 
 
@@ -65,6 +67,80 @@ def requeue(reason: str, requeue: bool = True) -> Reject:
         >>> raise requeue(f"store unreachable: {reason_text(exc)}") from None
     """
     return Reject(reason, requeue=requeue)
+
+
+#: The options ReliableTask adds (each documented on the class).
+RELIABLE_OPTIONS = (
+    "dead_letter",
+    "dead_letter_for",
+    "ordering_key",
+    "ordering_group",
+    "global_rate_limit",
+    "global_rate_burst",
+    "global_rate_key",
+    "breaker",
+    "breaker_fail_max",
+    "breaker_reset_timeout",
+    "breaker_exclude",
+    "breaker_probe_lease",
+)
+#: Task options Celery reads that are not attributes of its Task class.
+CELERY_OPTIONS = (
+    "autoretry_for",
+    "dont_autoretry_for",
+    "retry_kwargs",
+    "retry_backoff",
+    "retry_backoff_max",
+    "retry_jitter",
+    "pydantic",
+    "pydantic_strict",
+    "pydantic_context",
+    "pydantic_dump_kwargs",
+)
+#: A new class attribute starting with one of these and naming no option is a typo.
+OPTION_PREFIXES = ("dead_letter", "ordering_", "global_rate", "breaker")
+#: How close (difflib ratio) an unknown attribute must be to an option to be a typo.
+TYPO_CUTOFF = 0.8
+
+
+def check_options(cls: type) -> None:
+    """Validate the options a task class sets (its own class attributes).
+
+    Raises:
+        ConfigurationError: naming the option, with the task in the message.
+    """
+    own = vars(cls)
+    task = own.get("name") or cls.__qualname__
+    inherited: set[str] = set()
+    for base in cls.__mro__[1:]:
+        inherited.update(vars(base))
+    known = set(RELIABLE_OPTIONS) | set(CELERY_OPTIONS) | inherited
+    for attr in own:
+        if attr.startswith("_") or attr in known:
+            continue
+        close = difflib.get_close_matches(attr, sorted(known), n=1, cutoff=TYPO_CUTOFF)
+        if close or attr.startswith(OPTION_PREFIXES):
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigurationError(attr, f"task {task!r}: unknown option (a typo?){hint}")
+    if "dead_letter" in own and not isinstance(own["dead_letter"], bool):
+        raise ConfigurationError(
+            "dead_letter", f"task {task!r}: expected True or False, got {own['dead_letter']!r}"
+        )
+    for option in ("dead_letter_for", "breaker_exclude"):
+        if option in own:
+            _exception_types(option, own[option], task)
+
+
+def _exception_types(option: str, value: Any, task: str) -> None:
+    def is_exception(item: Any) -> bool:
+        return isinstance(item, type) and issubclass(item, BaseException)
+
+    if isinstance(value, tuple | list) and all(is_exception(item) for item in value):
+        return
+    example = f" (write ({value.__name__},))" if is_exception(value) else ""
+    raise ConfigurationError(
+        option, f"task {task!r}: expected a tuple of exception types, got {value!r}{example}"
+    )
 
 
 class ReliableTask(Task):  # type: ignore[misc]
@@ -100,6 +176,13 @@ class ReliableTask(Task):  # type: ignore[misc]
 
     #: Extensions in effect for this task class, resolved on first run in a process.
     _reliable_extensions: ClassVar[list[tuple[Extension, bool]] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check the options of every task class as it is defined (``@app.task(...)``
+        creates one): a wrong type or an unknown name close to an option raises
+        :class:`~celery_reliable.errors.ConfigurationError` naming the task and option."""
+        super().__init_subclass__(**kwargs)
+        check_options(cls)
 
     # --- publishing ---
 
@@ -345,26 +428,21 @@ class ReliableTask(Task):  # type: ignore[misc]
     ) -> DeadLetter:
         """A dead letter for the current request."""
         request = self.request
-        info = request.delivery_info or {}
-        return DeadLetter(
-            id=request.id,
+        info = request.delivery_info if isinstance(request.delivery_info, dict) else {}
+        return record.build(
             task_id=request.id,
             task=self.name,
-            args=list(request.args or ()),
-            kwargs=dict(request.kwargs or {}),
-            queue=info.get("routing_key"),
             reason=reason,
-            exception=exception_name(exc),
-            error=str(exc),
+            exc=exc,
             traceback=traceback,
-            retries=int(request.retries or 0),
+            args=request.args if request.args is not None else (),
+            kwargs=request.kwargs,
+            retries=request.retries,
             hostname=request.hostname,
-            failed_at=now(),
             exchange=info.get("exchange"),
             routing_key=info.get("routing_key"),
             priority=info.get("priority"),
             headers={k: v for k, v in (request.headers or {}).items() if k != PUBLISHED_HEADER},
-            replayed_from=(request.headers or {}).get("x-reliable-replayed-from"),
         )
 
     def on_failure(
@@ -373,17 +451,14 @@ class ReliableTask(Task):  # type: ignore[misc]
         """Dead-letter hard time limits, which Celery reports in the worker's main process
         (the pool process was killed, so ``__call__`` never saw the failure)."""
         if isinstance(exc, TimeLimitExceeded) and self.dead_letter and self.request.id != task_id:
-            entry = DeadLetter(
-                id=task_id,
+            entry = record.build(
                 task_id=task_id,
                 task=self.name,
-                args=list(args or ()),
-                kwargs=dict(kwargs or {}),
                 reason="time_limit",
-                exception=exception_name(exc),
-                error=str(exc),
+                exc=exc,
                 traceback=getattr(einfo, "traceback", None),
-                failed_at=now(),
+                args=args if args is not None else (),
+                kwargs=kwargs,
             )
             try:
                 DeadLetterStore(self.app).add(entry)

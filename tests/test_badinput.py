@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from kombu import Connection
 
-from celery_reliable import DeadLetterStore, UnknownTaskError
+from celery_reliable import DeadLetterStore
 from celery_reliable.testing import wait_for
 from tests.apps import basic
 from tests.apps.common import events
@@ -83,7 +83,8 @@ def test_bad_messages_are_dead_lettered_and_the_worker_keeps_serving(ns, start_w
     wait_for(lambda: store.count() == 6, 30, message=lambda: f"6 dead letters:\n{worker.log()}")
     entries = {e.id: e for e in store.list(limit=None)}
     odd = entries.pop(odd_retries)
-    assert (odd.reason, odd.task, odd.retries) == ("unknown_task", "basic.gone", 0)
+    # checked before the task name is looked up: the wrong-typed header makes it malformed
+    assert (odd.reason, odd.task, odd.retries) == ("malformed", "basic.gone", 0)
     odd = entries.pop(odd_name)
     assert (odd.reason, odd.task) == ("malformed", "['basic', 'ok']")
 
@@ -115,12 +116,8 @@ def test_bad_messages_are_dead_lettered_and_the_worker_keeps_serving(ns, start_w
     assert worker.alive
 
     # replaying the unknown task is refused, and the entry stays
-    try:
-        store.replay([unknown.id])
-    except UnknownTaskError as exc:
-        assert "basic.not_registered" in str(exc)
-    else:
-        raise AssertionError("replay of an unknown task was not refused")
+    (done,) = store.replay([unknown.id])
+    assert not done.sent and done.refused and "basic.not_registered" in done.refused
     assert store.get(unknown.id).reason == "unknown_task"
     refused = cli(ns, "replay", unknown.id)
     assert refused.returncode == 1
@@ -163,7 +160,8 @@ def rabbit_ns(ns: Any) -> Iterator[Any]:
 def test_bad_input_and_failures_are_dead_lettered_on_rabbitmq(rabbit_ns, start_worker):
     ns = rabbit_ns
     app = ns.app(basic.build)
-    worker = start_worker("basic", env={"CR_BROKER_URL": AMQP_URL})
+    # a name of its own: the pidbox queue is broker-wide on the shared RabbitMQ
+    worker = start_worker("basic", name=f"h{uuid.uuid4().hex[:8]}", env={"CR_BROKER_URL": AMQP_URL})
     store = DeadLetterStore(app)
     bad_id = str(uuid.uuid4())
     with Connection(AMQP_URL) as conn:

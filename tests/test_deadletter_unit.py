@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from kombu import Message
 
 from celery_reliable import DeadLetter
-from celery_reliable.deadletters.badinput import MAX_BODY_BYTES, entry_for_message
+from celery_reliable.deadletters.badinput import entry_for_message
+from celery_reliable.deadletters.record import CUT_MARK, MAX_FIELD_CHARS, bounded
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -49,7 +50,7 @@ def test_any_message_becomes_a_storable_dead_letter(
         content_type="application/json",
         content_encoding="utf-8",
     )
-    entry = entry_for_message(message, reason, ValueError("bad"), "w1@host")
+    entry = bounded(entry_for_message(message, reason, ValueError("bad"), "w1@host"), 1000)
     # what the store script receives must be strings, and the entry must serialize
     assert isinstance(entry.id, str) and entry.id
     assert entry.task is None or isinstance(entry.task, str)
@@ -58,13 +59,29 @@ def test_any_message_becomes_a_storable_dead_letter(
     assert json.loads(entry.to_json())["reason"] == reason
     assert entry.queue == "q"
     if entry.body is not None:
-        assert len(entry.body) <= MAX_BODY_BYTES
+        assert len(entry.body) <= MAX_FIELD_CHARS + len(CUT_MARK)
 
 
-def test_messages_without_an_id_get_a_stable_id_from_their_body():
-    def entry(body: bytes) -> DeadLetter:
-        message = Message(body=body, headers={}, content_type="application/json")
+def test_messages_without_an_id_are_told_apart_by_their_delivery_tag():
+    """Two equal headerless messages are two dead letters; the same message delivered
+    again (kombu's Redis transport keeps its string tag) is still one."""
+
+    def entry(body: bytes, tag: Any = None) -> DeadLetter:
+        message = Message(body=body, headers={}, content_type="application/json", delivery_tag=tag)
         return entry_for_message(message, "malformed", None, "w1@host")
 
-    assert entry(b"same").id == entry(b"same").id != entry(b"other").id
+    assert entry(b"same").id != entry(b"same").id
+    assert entry(b"same", "tag-1").id == entry(b"same", "tag-1").id != entry(b"same", "tag-2").id
+    assert entry(b"same", 7).id != entry(b"same", 7).id  # AMQP tags are per channel
     assert entry(b"same").id.startswith("msg-")
+
+
+def test_the_builder_stores_every_field_with_its_type():
+    """A request's ``retries`` of ``"abc"`` used to raise while the dead letter was being
+    built, so the failure was lost; the builder stores 0 (and text for odd ids)."""
+    from celery_reliable.deadletters.record import build
+
+    entry = build(task_id=5, task=["t"], reason="max_retries", retries="abc", args=None)
+    assert (entry.id, entry.task_id, entry.task, entry.retries) == ("5", "5", "['t']", 0)
+    assert entry.args == [] and entry.body == "[None, None]"
+    assert build(task_id="i", task="t", reason="max_retries", retries=float("nan")).retries == 0

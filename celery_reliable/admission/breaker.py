@@ -27,6 +27,7 @@ from typing import Any
 import pybreaker
 
 from ..core import compat, instruments
+from ..core.config import MAX_SECONDS
 from ..errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,15 @@ class BreakerSpec:
 
 
 def _positive(option: str, value: Any, task: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigurationError(option, f"task {task!r}: expected a number > 0, got {value!r}")
+    # NaN passes "<= 0"; infinity and 1e308 overflow the deadlines computed from it
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value <= MAX_SECONDS
+    ):
+        raise ConfigurationError(
+            option, f"task {task!r}: expected a number > 0 and <= {MAX_SECONDS:.0f}, got {value!r}"
+        )
     return float(value)
 
 

@@ -15,7 +15,7 @@ from celery.bin.base import CeleryCommand
 
 from ..deadletters.record import DeadLetter
 from ..deadletters.store import PAGE_SIZE, DeadLetterStore
-from ..errors import DeadLetterNotFound, UnknownTaskError
+from ..errors import DeadLetterNotFound
 from .group import app_of, clear_errors, emit_json
 
 #: Entries ``dlq list`` shows when no ``--limit`` is given.
@@ -84,7 +84,9 @@ def list_(ctx: click.Context, task: str | None, limit: int, as_json: bool, **kwa
         if not shown:
             click.echo(f"{'ID':<38} {'FAILED AT':<19} {'REASON':<16} {'TASK':<30} ERROR")
         shown += 1
-        error = cut(f"{e.exception}: {e.error}", ERROR_COLUMN_WIDTH)
+        error = cut(
+            f"{e.exception}: {e.error}" if e.exception else str(e.error), ERROR_COLUMN_WIDTH
+        )
         click.echo(f"{e.id:<38} {_when(e.failed_at):<19} {e.reason:<16} {e.task!s:<30} {error}")
     if not shown:
         click.echo("no dead letters")
@@ -206,6 +208,9 @@ def replay(
 
     Each entry is removed right after its own publish, oldest first: an interrupted run
     leaves what it did not replay, and the same command run again continues from there.
+    Entries that cannot be replayed faithfully (unknown task, arguments cut, a malformed
+    body, a corrupt entry) are refused and kept; the rest are replayed. The exit status is
+    1 when any entry was refused.
     """
     _selection(ids, all_, task)
     store = _store(ctx)
@@ -213,10 +218,17 @@ def replay(
     many = all_ or task is not None
     progress = _Progress(verb, store.count() if all_ else None) if many else None
     done: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
     count = 0
     try:
         with _interruptible() as stop:
             for r in store.replay_iter(ids, all=all_, task=task, dry_run=dry_run, stop=stop):
+                if r.refused is not None:
+                    refused.append({"id": r.entry_id, "task": r.task, "reason": r.refused})
+                    click.echo(
+                        f"refused {r.entry_id} ({r.task or 'no task'}): {r.refused}", err=True
+                    )
+                    continue
                 count += 1
                 if as_json:
                     done.append(
@@ -232,13 +244,15 @@ def replay(
                 if progress is not None:
                     progress.advance(count)
             stopped = stop()
-    except (DeadLetterNotFound, UnknownTaskError) as exc:
+    except DeadLetterNotFound as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         if progress is not None:
             progress.close()
     if as_json:
-        emit_json({"dry_run": dry_run, "replayed": done, "interrupted": stopped})
+        emit_json(
+            {"dry_run": dry_run, "replayed": done, "refused": refused, "interrupted": stopped}
+        )
     else:
         left = f"; {store.count()} dead letters left in the store" if many else ""
         click.echo(f"{count} {verb}{left}")
@@ -247,6 +261,19 @@ def replay(
             f"interrupted after {count} {verb}; run the same command again to continue "
             "(nothing replayed is in the store any more, so nothing is replayed twice)"
         )
+    if refused:
+        click.echo(f"{len(refused)} refused (kept in the store)", err=True)
+        ctx.exit(1)
+
+
+def _confirm(question: str) -> None:
+    """Ask on stderr (stdout carries only the result, e.g. the ``--json`` document)."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise click.ClickException("cannot ask for confirmation (stdin is closed); pass --yes")
+    try:
+        click.confirm(question, abort=True, err=True)
+    except (RuntimeError, OSError) as exc:
+        raise click.ClickException(f"cannot ask for confirmation ({exc}); pass --yes") from None
 
 
 @dlq.command(name="purge", cls=CeleryCommand)
@@ -275,7 +302,7 @@ def purge(
             if all_
             else (f"every dead letter of {task}" if task else f"{len(ids)} dead letter(s)")
         )
-        click.confirm(f"Delete {what}? There is no undo", abort=True)
+        _confirm(f"Delete {what}? There is no undo")
     many = all_ or task is not None
     progress = _Progress("purged", store.count() if all_ else None) if many else None
     try:

@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -54,6 +55,12 @@ DEFAULT_FAIL_OPEN = True
 #: On the Redis broker, workers pop each message and record it as theirs in one step
 #: (reliable fetch), so a kill -9 can never lose a message being received.
 DEFAULT_FETCH = True
+
+#: Largest duration any setting accepts, in seconds (ten years): larger values (``1e308``,
+#: ``inf``) overflow the timestamps and Redis expiries computed from them.
+MAX_SECONDS = 10 * 365 * 24 * 3600.0
+#: Largest count or size any setting accepts.
+MAX_WHOLE_NUMBER = 2**31 - 1
 
 ENV_PREFIX = "CELERY_RELIABLE_"
 CONF_PREFIX = "reliable_"
@@ -377,38 +384,44 @@ def _sentinel_address(url: str, source: str) -> StoreAddress:
 # --- converters: (source name, raw value) -> typed value, raising ConfigurationError ---
 
 
-def _number(kind: type, minimum: float, exclusive: bool) -> Callable[[str, Any], Any]:
+def _number(
+    kind: type, minimum: float, exclusive: bool, maximum: float
+) -> Callable[[str, Any], Any]:
     def convert(source: str, raw: Any) -> Any:
         if isinstance(raw, bool):
             raise ConfigurationError(source, f"expected a number, got {raw!r}")
         try:
             value = kind(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigurationError(source, f"expected a number, got {raw!r}") from None
+        if not math.isfinite(value):  # NaN passes every comparison below
+            raise ConfigurationError(source, f"expected a finite number, got {raw!r}")
         if kind is int and isinstance(raw, float) and raw != value:
             raise ConfigurationError(source, f"expected a whole number, got {raw!r}")
         if value < minimum or (exclusive and value == minimum):
             op = ">" if exclusive else ">="
             raise ConfigurationError(source, f"must be {op} {minimum}, got {raw!r}")
+        if value > maximum:
+            raise ConfigurationError(source, f"must be <= {maximum:.0f}, got {raw!r}")
         return value
 
     return convert
 
 
 def _positive_float(source: str, raw: Any) -> float:
-    return float(_number(float, 0, exclusive=True)(source, raw))
+    return float(_number(float, 0, exclusive=True, maximum=MAX_SECONDS)(source, raw))
 
 
 def _positive_int(source: str, raw: Any) -> int:
-    return int(_number(int, 1, exclusive=False)(source, raw))
+    return int(_number(int, 1, exclusive=False, maximum=MAX_WHOLE_NUMBER)(source, raw))
 
 
 def _non_negative_int(source: str, raw: Any) -> int:
-    return int(_number(int, 0, exclusive=False)(source, raw))
+    return int(_number(int, 0, exclusive=False, maximum=MAX_WHOLE_NUMBER)(source, raw))
 
 
 def _port(source: str, raw: Any) -> int:
-    value = int(_number(int, 0, exclusive=False)(source, raw))
+    value = int(_number(int, 0, exclusive=False, maximum=MAX_WHOLE_NUMBER)(source, raw))
     if value > 65535:
         raise ConfigurationError(source, f"must be a TCP port (0-65535), got {raw!r}")
     return value

@@ -1,9 +1,10 @@
 """Bad input on a reliable worker's queues is dead-lettered, and the worker keeps serving.
 
 Celery drops (or acks) a message it cannot decode, one with no task header, or one naming a
-task it does not know. This consumer bootstep wraps the consumer's handlers for those cases
-so the message is first written to the dead-letter store (reason ``malformed`` or
-``unknown_task``, with whatever could be read of it) and only then dropped by Celery.
+task it does not know; and it trusts the headers and body of every other message, so a
+``timelimit`` of ``["a", "b"]`` kills the worker's main process later, in the pool. This
+consumer bootstep dead-letters all of them first (reason ``malformed`` or
+``unknown_task``, with whatever could be read of the message) and then drops them.
 
 What Celery 5.7 does with each kind of bad input (protocol 2), and where we catch it:
 
@@ -14,11 +15,11 @@ What Celery 5.7 does with each kind of bad input (protocol 2), and where we catc
   ``message.payload``, which raises ``DecodeError``: ``on_decode_error`` (ack).
 - an unregistered task name: ``on_unknown_task`` (reject).
 - ``InvalidTaskError`` / ``ContentDisallowed``: ``on_invalid_task`` (reject).
-- valid JSON that is not ``[args, kwargs, embed]`` (``{"x": 1}``): ``Request.__init__``
-  raises ``ValueError``/``TypeError``, which no handler catches; the worker dies with
-  "Unrecoverable error" and the message is redelivered to the next worker (a poison
-  message). We guard the consumer's message callback so such a message is dead-lettered
-  (``malformed``) and dropped instead.
+- a header or body of the wrong shape (``shape.message_problem``): checked in our guard
+  around the consumer's message callback, before Celery reads the message. Unchecked,
+  some of these kill the main process (``timelimit``), some lose the task after the ack
+  (a body ``[[], {}, 5]``, an ``id`` that is a number).
+- anything else the callback raises: the same guard dead-letters the message.
 
 If the store cannot be written (Redis is down) the message is put back on the broker
 instead of being dropped (after WRITE_PATIENCE, so a failing store is not looped hot), and
@@ -27,7 +28,6 @@ the failure is logged and counted.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -35,69 +35,14 @@ from typing import Any
 from celery import bootsteps
 
 from ..core import instruments
-from .record import DeadLetter, exception_name, now
+from . import record
+from .record import DeadLetter
+from .shape import MalformedMessage, message_problem
 from .store import WRITE_ERROR_LOG_INTERVAL, WRITE_PATIENCE, DeadLetterStore, LogThrottle
 
 logger = logging.getLogger(__name__)
 #: Failing dead-letter writes of bad messages are logged at most this often.
 _write_errors = LogThrottle(WRITE_ERROR_LOG_INTERVAL)
-
-#: Longest part of an undecodable body kept in its dead letter, in bytes.
-MAX_BODY_BYTES = 64 * 1024
-
-
-def _text(body: Any) -> str | None:
-    if body is None:
-        return None
-    if isinstance(body, bytes | bytearray | memoryview):
-        raw = bytes(body)[:MAX_BODY_BYTES]
-        return raw.decode("utf-8", errors="replace")
-    return repr(body)[:MAX_BODY_BYTES]
-
-
-def _raw_bytes(message: Any) -> bytes:
-    body = getattr(message, "body", b"")
-    if isinstance(body, str):
-        return body.encode("utf-8", "replace")
-    return bytes(body or b"")
-
-
-def _str(value: Any) -> str | None:
-    """A header value as text (None stays None): headers of bad input can hold anything."""
-    if value is None or value == "":
-        return None
-    return value if isinstance(value, str) else repr(value)
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def raw_entry(
-    message: Any, reason: str, exc: BaseException | None, hostname: str | None
-) -> DeadLetter:
-    """The least a dead letter can hold: the raw body, where it came from, the error.
-
-    Used when even reading the message's headers failed, so that nothing is dropped.
-    """
-    info = getattr(message, "delivery_info", None)
-    info = info if isinstance(info, dict) else {}
-    return DeadLetter(
-        id="msg-" + hashlib.sha1(_raw_bytes(message)).hexdigest(),
-        task_id=None,
-        task=None,
-        queue=_str(info.get("routing_key")),
-        reason=reason,
-        exception=exception_name(exc) if exc is not None else None,
-        error=repr(exc) if exc is not None else None,
-        hostname=hostname,
-        failed_at=now(),
-        routing_key=_str(info.get("routing_key")),
-        body=_text(getattr(message, "body", None)),
-    )
 
 
 def entry_for_message(
@@ -108,61 +53,19 @@ def entry_for_message(
     payload: Any = None,
 ) -> DeadLetter:
     """A dead letter describing a message that could not become a task."""
-    headers = message.headers if isinstance(getattr(message, "headers", None), dict) else {}
-    info = getattr(message, "delivery_info", None) or {}
-    task_id = headers.get("id")
-    if task_id is None and isinstance(payload, dict):
-        task_id = payload.get("id")
-    task_id = _str(task_id)
-    entry_id = task_id or "msg-" + hashlib.sha1(_raw_bytes(message)).hexdigest()
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    body_text: str | None = None
-    if reason == "unknown_task":
-        try:
-            decoded = message.decode() if payload is None else payload
-            if isinstance(decoded, list | tuple) and len(decoded) >= 2:
-                args, kwargs = list(decoded[0]), dict(decoded[1])
-            elif isinstance(decoded, dict):
-                args, kwargs = list(decoded.get("args", ())), dict(decoded.get("kwargs", {}))
-        except Exception:
-            body_text = _text(getattr(message, "body", None))
-    else:
-        body_text = _text(getattr(message, "body", None))
-    custom = {k: v for k, v in headers.items() if isinstance(k, str) and k.startswith("x-")}
-    return DeadLetter(
-        id=entry_id,
-        task_id=task_id,
-        task=_str(
-            headers.get("task") or (payload.get("task") if isinstance(payload, dict) else None)
-        ),
-        args=args,
-        kwargs=kwargs,
-        queue=_str(info.get("routing_key")),
-        reason=reason,
-        exception=exception_name(exc) if exc is not None else None,
-        error=str(exc) if exc is not None else "message has no task headers",
-        traceback=None,
-        retries=_int(headers.get("retries")),
-        hostname=hostname,
-        failed_at=now(),
-        exchange=info.get("exchange"),
-        routing_key=info.get("routing_key"),
-        priority=info.get("priority"),
-        headers=custom,
-        body=body_text,
-    )
+    return record.from_message(message, reason, exc=exc, hostname=hostname, payload=payload)
 
 
 class BadInputStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumer step: dead-letter undecodable, headerless and unknown-task messages.
+    """Consumer step: dead-letter undecodable, headerless, malformed and unknown-task messages.
 
     The wrapping happens in ``__init__`` because ``Tasks.start`` binds ``on_decode_error``
     into the task consumer and the event loop captures the other handlers (and calls
     ``create_task_handler``) when it starts.
 
-    Costs nothing per good message: one ``try`` around Celery's callback. Each bad message
-    costs one Redis round trip (the ``dlq_add`` script) in the worker's main process.
+    Costs a few type checks per good message in the main process (the body it reads is
+    the one Celery decodes anyway, cached on the message). Each bad message costs one
+    Redis round trip (the ``dlq_add`` script).
     """
 
     label = "reliable-bad-input"
@@ -183,9 +86,16 @@ class BadInputStep(bootsteps.StartStopStep):  # type: ignore[misc]
         hostname = self.consumer.hostname
         try:
             entry = entry_for_message(message, reason, exc, hostname, payload)
-        except Exception as read_exc:
+        except Exception as read_exc:  # pragma: no cover (the builder takes anything)
             logger.exception("Could not read a %s message; dead-lettering its raw body", reason)
-            entry = raw_entry(message, reason, exc or read_exc, hostname)
+            entry = record.build(
+                entry_id=record.message_entry_id(message, None),
+                task_id=None,
+                task=None,
+                reason=reason,
+                exc=exc or read_exc,
+                body=record.body_text(getattr(message, "body", None)),
+            )
         try:
             DeadLetterStore(self.consumer.app).add(entry)
         except Exception as store_exc:
@@ -235,8 +145,9 @@ class BadInputStep(bootsteps.StartStopStep):  # type: ignore[misc]
         return handler
 
     def _guard(self, create_task_handler: Callable[..., Any]) -> Callable[..., Any]:
-        """Wrap the consumer's message callback: an exception Celery does not handle
-        (it would stop the worker) dead-letters the message as ``malformed`` instead."""
+        """Wrap the consumer's message callback: a message of the wrong shape, or one that
+        raises an exception Celery does not handle (it would stop the worker), is
+        dead-lettered as ``malformed`` and dropped instead."""
 
         def create(*args: Any, **kwargs: Any) -> Callable[[Any], Any]:
             on_task_received = create_task_handler(*args, **kwargs)
@@ -244,7 +155,16 @@ class BadInputStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 self.consumer.channel_errors or ()
             )
 
+            def reject(message: Any, exc: BaseException) -> None:
+                if self._dead_letter(message, "malformed", exc, None):
+                    message.reject_log_error(logger, passthrough)
+
             def guarded(message: Any) -> Any:
+                problem = message_problem(message)
+                if problem is not None:
+                    logger.error("Malformed task message (%s); dead-lettering it", problem)
+                    reject(message, MalformedMessage(problem))
+                    return None
                 try:
                     return on_task_received(message)
                 except passthrough:
@@ -260,8 +180,7 @@ class BadInputStep(bootsteps.StartStopStep):  # type: ignore[misc]
                         exc,
                         exc_info=True,
                     )
-                    if self._dead_letter(message, "malformed", exc, None):
-                        message.reject_log_error(logger, passthrough)
+                    reject(message, exc)
                     return None
 
             return guarded

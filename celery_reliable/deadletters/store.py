@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import threading
 import time
@@ -29,7 +30,7 @@ from typing import Any, cast
 from ..core import instruments
 from ..core.store import RedisStore, store_for
 from ..errors import DeadLetterNotFound, UnknownTaskError
-from .record import DeadLetter
+from .record import CORRUPT, MAX_FIELD_CHARS, CorruptEntry, DeadLetter, arguments, bounded
 from .scripts import DLQ_ADD, DLQ_REMOVE
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ REPLICA_WAIT = 0.5
 #: Task names read per HSCAN call when a replay checks every selected task is known
 #: (5000 per call took up to 82 ms on a loaded 2-core machine at 100,000 entries).
 NAMES_PER_SCAN = 500
-#: Longest traceback kept, in characters (the tail is kept: it names the failing line).
-MAX_TRACEBACK_CHARS = 20_000
 #: Seconds :meth:`DeadLetterStore.add_patiently` keeps trying when a write fails (Redis
 #: restarting, failing over, full, refusing the command) before giving up; a pool process
 #: then requeues the message, so a failing store cycles each such task about this often.
@@ -89,12 +88,21 @@ _write_errors = LogThrottle(WRITE_ERROR_LOG_INTERVAL)
 
 @dataclass(frozen=True)
 class Replayed:
-    """The outcome of replaying one dead letter."""
+    """The outcome of replaying one dead letter.
+
+    Parameters:
+      entry_id: the dead letter.
+      task: its task name.
+      new_task_id: the id of the new task (None when refused).
+      sent: whether it was published (False for a dry run and for a refusal).
+      refused: why it was not replayed (it stays in the store), or None.
+    """
 
     entry_id: str
     task: str
-    new_task_id: str
+    new_task_id: str | None
     sent: bool
+    refused: str | None = None
 
 
 class DeadLetterStore:
@@ -116,6 +124,9 @@ class DeadLetterStore:
         self.stats_key = k("{dlq}", "stats")
         self.kinds_key = k("{dlq}", "kinds")
         self.counts_key = k("{dlq}", "counts")
+        #: Longest arguments (as JSON) an entry keeps: what a publish may carry, and at
+        #: least what a malformed body keeps; longer ones are cut (see ``bounded``).
+        self.arguments_limit = max(self.settings.max_payload_bytes, MAX_FIELD_CHARS)
 
     # --- writing ---
 
@@ -124,8 +135,7 @@ class DeadLetterStore:
 
         Also enforces retention (see :meth:`trim`), in the same script call.
         """
-        if entry.traceback and len(entry.traceback) > MAX_TRACEBACK_CHARS:
-            entry.traceback = "...\n" + entry.traceback[-MAX_TRACEBACK_CHARS:]
+        bounded(entry, self.arguments_limit)
         added = self._add_script(self.add_args(entry))
         if added and self.store.settings.store_address.kind == "sentinel":
             self._wait_for_replica(entry)
@@ -259,7 +269,7 @@ class DeadLetterStore:
         raw = self.store.client.hget(self.entries_key, entry_id)
         if raw is None:
             raise DeadLetterNotFound(entry_id)
-        return DeadLetter.from_json(cast(str, raw))
+        return _read(entry_id, cast(str, raw))
 
     def ids(self, task: str | None = None, limit: int | None = None) -> Iterator[str]:
         """Ids, newest first, optionally only of task ``task`` (read :data:`PAGE_SIZE` at a
@@ -299,7 +309,7 @@ class DeadLetterStore:
 
     def _fetch(self, ids: builtins.list[str]) -> builtins.list[DeadLetter]:
         raws = self.store.client.hmget(self.entries_key, ids)
-        return [DeadLetter.from_json(cast(str, r)) for r in raws if r is not None]
+        return [_read(i, cast(str, r)) for i, r in zip(ids, raws, strict=True) if r is not None]
 
     def list(self, task: str | None = None, limit: int | None = 50) -> builtins.list[DeadLetter]:
         """Dead letters, newest first (after applying retention, see :meth:`trim`)."""
@@ -423,13 +433,15 @@ class DeadLetterStore:
         """Re-publish entries as new tasks, then remove each one whose publish succeeded.
 
         The new task has the same name, arguments, custom headers and route, a new id and
-        the header ``x-reliable-replayed-from: <entry id>``. Entries of tasks the app does
-        not know are refused with :class:`UnknownTaskError` before anything is sent.
-        :meth:`replay_iter` does the same one entry at a time.
+        the header ``x-reliable-replayed-from: <entry id>``. A ``malformed`` entry is
+        replayed with the arguments of its original body. Entries that cannot be replayed
+        faithfully are refused and kept (``Replayed.refused`` says why): a task this app
+        does not know, arguments that were cut, a body that is not a task body, a corrupt
+        entry. The others are replayed all the same. :meth:`replay_iter` does the same one
+        entry at a time.
 
         Raises:
-            DeadLetterNotFound: an explicit id is not in the store.
-            UnknownTaskError: an entry names a task that is not registered.
+            DeadLetterNotFound: an explicit id is not in the store (nothing is sent).
         """
         return builtins.list(self.replay_iter(ids, all=all, task=task, dry_run=dry_run))
 
@@ -448,38 +460,60 @@ class DeadLetterStore:
         replaying any entry twice. ``stop()`` is asked between two entries (the CLI's
         Ctrl-C); when it answers True the run ends there.
 
+        Entries that cannot be replayed are yielded with ``refused`` set, and kept.
+
         Raises:
             DeadLetterNotFound: an explicit id is not in the store (nothing was sent).
-            UnknownTaskError: a selected entry names a task that is not registered
-                (checked before anything is sent).
         """
         self.app.loader.import_default_modules()
         batches: Iterable[builtins.list[DeadLetter]]
         if all or task is not None:
-            names = self.task_names() if all else {task}
-            for name in sorted(n or "" for n in names):
-                if name not in self.app.tasks:
-                    raise UnknownTaskError(name or "<none>")
             batches = (self._fetch(page) for page in self.id_batches(task=task))
         else:
-            entries = [self.get(i) for i in dict.fromkeys(ids)]
-            for entry in entries:
-                if not entry.task or entry.task not in self.app.tasks:
-                    raise UnknownTaskError(entry.task or "<none>")
-            batches = [entries]
+            batches = [[self.get(i) for i in dict.fromkeys(ids)]]
         for batch in batches:
             for entry in batch:
                 if stop is not None and stop():
                     return
-                if not entry.task or entry.task not in self.app.tasks:
-                    raise UnknownTaskError(entry.task or "<none>")
+                found = self._replayable(entry)
+                if isinstance(found, str):
+                    yield Replayed(entry.id, entry.task or "", None, False, found)
+                    continue
                 new_id = str(uuid.uuid4())
                 if not dry_run:
-                    self._publish(entry, new_id)
+                    self._publish(entry, new_id, *found)
                     self._remove_batch([entry.id])
-                yield Replayed(entry.id, entry.task, new_id, not dry_run)
+                yield Replayed(entry.id, entry.task or "", new_id, not dry_run)
 
-    def _publish(self, entry: DeadLetter, new_id: str) -> None:
+    def _replayable(self, entry: DeadLetter) -> tuple[builtins.list[Any], dict[str, Any]] | str:
+        """The arguments to replay ``entry`` with, or why it cannot be replayed."""
+        if entry.reason == CORRUPT:
+            return entry.error or "corrupt entry"
+        if not entry.task or entry.task not in self.app.tasks:
+            return str(UnknownTaskError(entry.task or "<none>"))
+        if "args" in entry.truncated:
+            return (
+                "its arguments were too large to keep (cut when it was dead-lettered); "
+                "replay it by hand from the body shown by dlq show, or purge it"
+            )
+        if entry.reason != "malformed":
+            return entry.args, entry.kwargs
+        found = None
+        if entry.body is not None and "body" not in entry.truncated:
+            try:
+                found = arguments(json.loads(entry.body))
+            except ValueError:
+                found = None
+        if found is None:
+            return (
+                "malformed message whose body is not a whole task body [args, kwargs, embed]; "
+                "nothing to replay it with (inspect it with dlq show, then purge it)"
+            )
+        return found
+
+    def _publish(
+        self, entry: DeadLetter, new_id: str, args: builtins.list[Any], kwargs: dict[str, Any]
+    ) -> None:
         headers = {
             k: v
             for k, v in (entry.headers or {}).items()
@@ -495,5 +529,14 @@ class DeadLetterStore:
             options["queue"] = entry.queue
         if entry.priority is not None:
             options["priority"] = entry.priority
-        self.app.send_task(entry.task, args=entry.args, kwargs=entry.kwargs, **options)
+        self.app.send_task(entry.task, args=args, kwargs=kwargs, **options)
         logger.info("Replayed dead letter %s as %s[%s]", entry.id, entry.task, new_id)
+
+
+def _read(entry_id: str, raw: str) -> DeadLetter:
+    """A stored entry, or its ``corrupt`` stand-in when it cannot be read."""
+    try:
+        return DeadLetter.from_json(raw)
+    except CorruptEntry as exc:
+        logger.warning("dead letter %s is corrupt: %s", entry_id, exc)
+        return DeadLetter.corrupt(entry_id, raw, str(exc))

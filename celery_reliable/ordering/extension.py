@@ -143,7 +143,7 @@ def _build_spec(task: Any) -> OrderingSpec | None:
 
         def key_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
             value = fn(*args, **kwargs)
-            return None if value is None else str(value)
+            return key_text(value)
 
         return OrderingSpec(group, key_of)
     if not isinstance(option, str) or not option:
@@ -179,7 +179,7 @@ def _build_spec(task: Any) -> OrderingSpec | None:
                 ) from exc
             bound.apply_defaults()
             value = bound.arguments.get(param)
-        return None if value is None else str(value)
+        return key_text(value)
 
     return OrderingSpec(group, key_of_param)
 
@@ -195,9 +195,29 @@ def validate_tasks(app: Any) -> None:
 
 
 def key_names(store: RedisStore, group: str, key: str) -> list[str]:
-    """``[state, parked]`` of one ordering key; both share one hash tag (one slot)."""
-    tag = "{ord:" + group + ":" + key + "}"
+    """``[state, parked]`` of one ordering key; both share one hash tag (one slot).
+
+    The group is length-prefixed (``{ord:<len>:<group>:<key>}``), so distinct
+    ``(group, key)`` pairs never share a line: group ``x`` with key ``a:b`` and group
+    ``x:a`` with key ``b`` are ``{ord:1:x:a:b}`` and ``{ord:3:x:a:b}``.
+    """
+    tag = "{ord:" + str(len(group)) + ":" + group + ":" + key + "}"
     return [store.key(tag, "state"), store.key(tag, "parked")]
+
+
+def key_text(value: Any) -> str | None:
+    """The text an ordering key value is compared by (None: the task is not ordered).
+
+    Strings are themselves; lists and objects are their JSON with sorted keys, so equal
+    values are one key whatever their order; anything else is ``str(value)``, so ``5``
+    and ``"5"`` are the same key (an id that one producer sends as a number and another
+    as a string still orders one account).
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return str(value)
 
 
 def index_key(store: RedisStore) -> str:

@@ -1,5 +1,5 @@
 -- Ordering, publish: take the next place in line of one (group, key).
--- KEYS[1] state hash of the key ({ord:<group>:<key>}:state)
+-- KEYS[1] state hash of the key ({ord:<len(group)>:<group>:<key>}:state)
 -- ARGV[1] time to live of the key's state, in ms (refreshed on every use)
 -- ARGV[2] ms until the task is due (countdown/eta; 0 when none): until then, plus the
 --         gap timeout, the sweep does not treat its number as missing

@@ -48,10 +48,12 @@ from ..core import compat
 from ..core.broker import broker_is_redis
 from ..core.state import settings_of
 from ..core.store import store_for
-from ..deadletters.record import DeadLetter, now
+from ..deadletters import record
+from ..deadletters.record import DeadLetter
 from ..deadletters.store import DeadLetterStore
 from ..task import ReliableTask
 from .fetch import record_key
+from .ledger import RecoveredTooOften
 from .registry import REAPED_MARKER_TTL, RECOVERY_COUNT_TTL, RegistryKeys, presence_name
 from .scripts import REAPER_CLAIM, REAPER_EPOCH, REAPER_RECLAIM
 
@@ -230,39 +232,15 @@ def orphaned_dead_letter(
     limit: int,
 ) -> DeadLetter:
     """A dead letter (reason ``orphaned``) for a message read from ``unacked``."""
-    headers = dict(message.headers or {})
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    try:
-        body = message.decode()
-        if isinstance(body, list | tuple) and len(body) >= 2:  # task protocol 2
-            args, kwargs = list(body[0]), dict(body[1])
-        elif isinstance(body, dict):  # task protocol 1
-            args, kwargs = list(body.get("args", ())), dict(body.get("kwargs", {}))
-    except Exception:
-        logger.exception("could not decode the body of orphaned task %s", headers.get("id"))
-    task_id = str(headers.get("id") or message.delivery_tag)
-    return DeadLetter(
-        id=task_id,
-        task_id=task_id,
-        task=headers.get("task"),
-        args=args,
-        kwargs=kwargs,
-        queue=routing_key,
-        reason="orphaned",
-        exception="celery_reliable.orphans.ledger.RecoveredTooOften",
-        error=(
-            f"task {task_id} was orphaned {recoveries} times "
-            f"(reliable_max_recoveries={limit}): its worker died each time it ran"
-        ),
-        traceback=None,
-        retries=int(headers.get("retries") or 0),
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    task_id = headers.get("id") or message.delivery_tag
+    return record.from_message(
+        message,
+        "orphaned",
+        exc=RecoveredTooOften(str(task_id), recoveries, limit),
         hostname=node,
-        failed_at=now(),
         exchange=exchange,
         routing_key=routing_key,
-        priority=(message.properties or {}).get("priority"),
-        headers={k: v for k, v in headers.items() if str(k).startswith("x-")},
     )
 
 
