@@ -26,9 +26,9 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
+from celery_reliable.core.compat import kombu_redis
 from celery_reliable.core.config import DEFAULT_REAPER_INTERVAL, DEFAULT_WORKER_TIMEOUT
 from celery_reliable.core.store import store_for
-from celery_reliable.orphans import kombu_redis
 from celery_reliable.orphans.fetch import ReliableFetch, record_key
 from celery_reliable.orphans.registry import RegistryKeys, live_workers, reaper_stats
 from celery_reliable.testing import ReaperProcess, RedisServer, WorkerProcess, wait_for

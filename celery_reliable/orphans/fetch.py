@@ -31,7 +31,7 @@ lost with its connection.
 Only the task consumer's channel of a worker changes: plain Celery tasks on those queues
 get the same protection; fanout and pidbox (broadcast) channels, publishing and other
 channels are kombu's own. Every private kombu attribute used is in
-:mod:`celery_reliable.orphans.kombu_redis`.
+:mod:`celery_reliable.core.compat.kombu_redis`.
 
 Examples:
     >>> celery_reliable.install(app)               # reliable fetch on
@@ -50,8 +50,8 @@ from celery import bootsteps
 from kombu.utils.encoding import bytes_to_str
 from redis.exceptions import NoScriptError
 
+from ..core.compat import kombu_redis as kr
 from ..core.state import settings_of
-from . import kombu_redis as kr
 from .registry import current_worker_id, held_delivery_tags
 from .scripts import FETCH
 

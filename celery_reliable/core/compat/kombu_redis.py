@@ -1,10 +1,11 @@
-"""Every private part of kombu's Redis transport that reliable fetch touches, in one place.
+"""The private parts of kombu's Redis transport that reliable fetch touches.
 
 Reliable fetch (:mod:`celery_reliable.orphans.fetch`) replaces how one kombu Redis channel
 pops messages, and extends how its QoS records and forgets them. kombu has no public hook
 for either, so the attributes below are used as kombu 5.6/5.7 define them; nothing else in
-the package reaches into the transport for fetching. :data:`TOUCHPOINTS` lists them for
-the compatibility check (``tests/test_fetch_units.py`` asserts each exists).
+the package reaches into the transport for fetching. :data:`TOUCHPOINTS` lists them; the
+compatibility check of :mod:`celery_reliable.core.compat` includes them, so ``install()``
+fails naming any that a kombu release lacks.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ TOUCHPOINTS: tuple[tuple[type, str, str], ...] = (
     (VirtualQoS, "append", "local bookkeeping of a delivered message"),
     (kombu_redis.Transport, "_deliver", "hand a popped message to its consumer"),
 )
+
+#: Attributes kombu added in 5.7 (the BRPOP health check): set or called only when present.
+SINCE_KOMBU_5_7 = frozenset({"_brpop_sent_at", "_flush_brpop_reauth"})
 
 
 def is_redis_channel(channel: Any) -> bool:

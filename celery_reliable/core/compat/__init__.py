@@ -28,7 +28,8 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import IncompatibleVersion
+from ...errors import IncompatibleVersion
+from . import kombu_redis
 
 __all__ = [
     "TOUCHPOINTS",
@@ -57,6 +58,8 @@ CHECKED_PYBREAKER = "pybreaker 1.2.0, 1.4.1"
 
 #: First Celery release that tracks ETA requests in ``state.scheduled_requests``.
 SCHEDULED_REQUESTS_SINCE = (5, 7)
+#: First release (Celery and its kombu) with the BRPOP health check's attributes.
+KOMBU_BRPOP_HEALTH_SINCE = (5, 7)
 #: First Celery release whose ``apply_async`` dumps pydantic model arguments.
 PYDANTIC_DUMP_SINCE = (5, 7)
 
@@ -286,10 +289,45 @@ _POINTS: tuple[Touchpoint, ...] = (
     ),
 )
 
-#: Every private touchpoint (``package.module.Class.attribute``), by layer of the package.
-TOUCHPOINTS: tuple[Touchpoint, ...] = tuple(
-    dataclasses.replace(p, name=p.name.replace(":", ".")) for p in _POINTS
+#: The kombu Redis transport's private parts that reliable fetch uses
+#: (:mod:`celery_reliable.core.compat.kombu_redis` is its only accessor).
+_FETCH_POINTS: tuple[Touchpoint, ...] = tuple(
+    Touchpoint(
+        f"{owner.__module__}:{owner.__qualname__}.{attr}",
+        f"reliable fetch: {use}",
+        _K,
+        _since(
+            KOMBU_BRPOP_HEALTH_SINCE if attr in kombu_redis.SINCE_KOMBU_5_7 else (0, 0),
+            _has(f"{owner.__module__}:{owner.__qualname__}", attr),
+        ),
+    )
+    for owner, attr, use in kombu_redis.TOUCHPOINTS
 )
+
+
+def _all_of(*checks: Callable[[], bool]) -> Callable[[], bool]:
+    return lambda: all(check() for check in checks)
+
+
+def _merged(points: tuple[Touchpoint, ...]) -> tuple[Touchpoint, ...]:
+    """One entry per place: a place several features rely on names each of them."""
+    by_name: dict[str, Touchpoint] = {}
+    for point in points:
+        name = point.name.replace(":", ".")
+        seen = by_name.get(name)
+        if seen is None:
+            by_name[name] = dataclasses.replace(point, name=name)
+        else:
+            by_name[name] = dataclasses.replace(
+                seen,
+                used_by=f"{seen.used_by}; {point.used_by}",
+                exists=_all_of(seen.exists, point.exists),
+            )
+    return tuple(by_name.values())
+
+
+#: Every private touchpoint (``package.module.Class.attribute``), by layer of the package.
+TOUCHPOINTS: tuple[Touchpoint, ...] = _merged(_POINTS + _FETCH_POINTS)
 
 
 def missing_touchpoints() -> list[str]:
