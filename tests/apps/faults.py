@@ -90,23 +90,20 @@ def build(app: Celery) -> Celery:
 
 
 def _inject_unpicklable(**_: Any) -> None:
-    from celery_reliable.core.store import RedisStore
+    """The first start phase that carries the ordering start fails with the error."""
+    from celery_reliable import task as task_module
     from celery_reliable.ordering.scripts import ORD_START
 
-    original = RedisStore.script
+    original = task_module.run_chain
     left = [1]
 
-    def script(self: RedisStore, lua: Any) -> Any:
-        if lua is ORD_START and left[0]:
+    def run_chain(store: Any, calls: Any) -> Any:
+        if left[0] and any(call.lua is ORD_START for call in calls):
             left[0] -= 1
+            raise UnpicklableStoreError("3999", "127.0.0.1:6381")
+        return original(store, calls)
 
-            def failing(*args: Any, **kwargs: Any) -> Any:
-                raise UnpicklableStoreError("3999", "127.0.0.1:6381")
-
-            return failing
-        return original(self, lua)
-
-    RedisStore.script = script  # type: ignore[method-assign]
+    task_module.run_chain = run_chain  # type: ignore[assignment]
 
 
 if os.environ.get("CR_INJECT_UNPICKLABLE") == "1":
