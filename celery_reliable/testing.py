@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -177,7 +178,8 @@ class WorkerProcess:
 
     Parameters:
       app: the ``-A`` argument (``module:app``).
-      name: node name (``name@%h``).
+      name: the worker's name; its node name is ``name-<6 hex digits>@%h``, unique, so
+        suites that share one RabbitMQ never collide on a node's pidbox queue.
       queues: queues to consume (``-Q``).
       concurrency: pool processes.
       pool: the pool (``prefork`` by default, the one users run).
@@ -202,6 +204,7 @@ class WorkerProcess:
     ) -> None:
         self.app = app
         self.name = name
+        self.node = f"{name}-{secrets.token_hex(3)}"
         self.queues = list(queues)
         self.concurrency = concurrency
         self.pool = pool
@@ -216,7 +219,7 @@ class WorkerProcess:
 
     @property
     def nodename(self) -> str:
-        return f"{self.name}@{socket.gethostname()}"
+        return f"{self.node}@{socket.gethostname()}"
 
     def command(self) -> list[str]:
         cmd = [
@@ -231,7 +234,7 @@ class WorkerProcess:
             "-c",
             str(self.concurrency),
             "-n",
-            f"{self.name}@%h",
+            f"{self.node}@%h",
             "-l",
             self.loglevel,
             "--without-mingle",

@@ -18,6 +18,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -300,9 +301,10 @@ def defer(
     """Re-publish the running task to start in ``delay`` seconds, then raise Deferred.
 
     The copy keeps the task id, the retry count and every header; ``slot_us`` (when not 0)
-    is the token slot the copy holds, sent as the ``x-reliable-slot`` header. After the
+    is the token slot the copy holds, sent as the ``x-reliable-slot`` header. Before the
     publish, Redis records the copy as the task's newest (a second round trip, on this slow
-    path only), so the message being deferred is dropped if a crash redelivers it.
+    path only), so the message being deferred is dropped if a crash redelivers it, and the
+    copy is known even when a worker starts it at once.
 
     Raises:
         Deferred: always, after the copy was published (the message is then acked).
@@ -316,6 +318,20 @@ def defer(
         headers[SLOT_HEADER] = slot_us
     token = uuid.uuid4().hex
     headers[COPY_HEADER] = token
+    # The copy is recorded as the task's newest BEFORE it is published: a worker may start
+    # it at once (a short delay), and a copy that arrived before its record would be taken
+    # for a stale one and dropped.
+    store = store_for(task.app)
+    key = copy_key(store, request.id, replacement_level(request))
+    recorded, previous = False, None
+    try:
+        options = task.app.conf.broker_transport_options or {}
+        visibility = float(options.get("visibility_timeout") or DEFAULT_VISIBILITY_TIMEOUT)
+        ttl = int(visibility + max(delay, 0.0) + COPY_MEMORY_MARGIN)
+        previous = store.client.set(key, token, ex=ttl, get=True)
+        recorded = True
+    except redis.RedisError as exc:  # only a crash before the ack could now duplicate it
+        logger.warning("celery_reliable: could not record deferred copy of %s: %r", request.id, exc)
     try:
         task.signature_from_request(
             request, args, kwargs, countdown=max(delay, 0.0), headers=headers
@@ -327,15 +343,13 @@ def defer(
             request.id,
             exc,
         )
+        if recorded:  # the message requeued now is the task's newest again
+            with contextlib.suppress(redis.RedisError):
+                if previous is None:
+                    store.client.delete(key)
+                else:
+                    store.client.set(key, previous, keepttl=True)
         raise requeue(f"deferred copy not published: {reason_text(exc)}") from None
-    store = store_for(task.app)
-    try:
-        options = task.app.conf.broker_transport_options or {}
-        visibility = float(options.get("visibility_timeout") or DEFAULT_VISIBILITY_TIMEOUT)
-        ttl = int(visibility + max(delay, 0.0) + COPY_MEMORY_MARGIN)
-        store.client.set(copy_key(store, request.id, replacement_level(request)), token, ex=ttl)
-    except redis.RedisError as exc:  # only a crash before the ack could now duplicate it
-        logger.warning("celery_reliable: could not record deferred copy of %s: %r", request.id, exc)
     raise Deferred(reason, delay)
 
 
