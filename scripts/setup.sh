@@ -21,19 +21,14 @@ if [ "${RELIABLE_TEST_PACKAGES:-}" = 1 ]; then
   command -v promtool >/dev/null 2>&1 || MISSING+=(prometheus)
   command -v docker-compose >/dev/null 2>&1 || MISSING+=(docker-compose)
 fi
+# stress-ng loads the CPUs for scripts/test-under-load.sh (docs/testing.md).
+if [ "${RELIABLE_LOAD_PACKAGES:-}" = 1 ]; then
+  command -v stress-ng >/dev/null 2>&1 || MISSING+=(stress-ng)
+fi
 if [ "${#MISSING[@]}" -gt 0 ]; then
   echo "--> installing ${MISSING[*]} (Debian packages)"
   apt_install "${MISSING[@]}" \
     || echo "--> could not install ${MISSING[*]}: not root and no password-less sudo"
-fi
-
-# stress-ng loads the CPUs for `scripts/test-under-load.sh` (docs/testing.md).
-if ! command -v stress-ng >/dev/null 2>&1; then
-  echo "--> installing stress-ng (Debian package)"
-  if [ "$(id -u)" = 0 ]; then apt-get install -y -qq stress-ng >/dev/null \
-      || { apt-get update -qq && apt-get install -y -qq stress-ng >/dev/null; }
-  else sudo apt-get install -y -qq stress-ng >/dev/null \
-      || { sudo apt-get update -qq && sudo apt-get install -y -qq stress-ng >/dev/null; }; fi
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

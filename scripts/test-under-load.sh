@@ -4,6 +4,7 @@
 #   bash scripts/test-under-load.sh tests/test_rate_limit.py -q
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export RELIABLE_LOAD_PACKAGES=1
 source "$ROOT/scripts/setup.sh"
 stress-ng --cpu "${RELIABLE_LOAD_CPUS:-$(nproc)}" --timeout 0 --quiet &
 LOAD=$!
