@@ -14,6 +14,7 @@ from celery_reliable.admission.extension import (
     bucket_index_key,
     bucket_key,
     copy_key,
+    started_copy_key,
 )
 from celery_reliable.admission.scripts import ADMIT
 from celery_reliable.core.config import Settings
@@ -39,7 +40,8 @@ def main() -> None:
 
         def admit(i: int, breaker: bool) -> Any:
             # a bucket that never runs dry (1 µs interval), so every call is a "run"
-            keys = [copy_key(store, str(i)), bucket_key(store, "b"), bucket_index_key(store)]
+            keys = [copy_key(store, str(i)), started_copy_key(store, str(i))]
+            keys += [bucket_key(store, "b"), bucket_index_key(store)]
             argv: list[Any] = ["1", 1, 1_000_000, 0, "0", 0, 0, str(i), 300_000_000, 1_000_000]
             argv += ["", 50_000, "b", 600_000_000]
             if breaker:

@@ -20,6 +20,7 @@ from celery_reliable.admission.extension import (
     bucket_index_key,
     bucket_key,
     copy_key,
+    started_copy_key,
     validate_tasks,
 )
 from celery_reliable.admission.ratelimit import BucketSpec, default_burst, parse_rate
@@ -120,7 +121,7 @@ def store(reliable_redis_server: Any) -> RedisStore:
 def admit(
     store: RedisStore, bucket: str | None, breaker: str | None, task_id: str, **kw: Any
 ) -> Any:
-    keys = [copy_key(store, task_id)]
+    keys = [copy_key(store, task_id), started_copy_key(store, task_id)]
     argv: list[Any] = [
         "0",
         0,
@@ -175,11 +176,29 @@ def test_late_copies_do_not_bunch_beyond_the_burst(store: RedisStore) -> None:
     assert [r[0] for r in replies] == ["run", "run", "bucket", "bucket", "bucket"]
 
 
-def test_stale_copy_is_dropped(store: RedisStore) -> None:
-    store.client.set(copy_key(store, "t1"), "newest")
+def test_stale_copy_is_dropped_once_the_newest_copy_started(store: RedisStore) -> None:
+    store.client.set(copy_key(store, "t1"), "newest", ex=600)
+    first = admit(store, "b", None, "t1", copy="newest")
+    assert first[0] == "run" and first[7] == 0  # the copy itself starts
     assert admit(store, "b", None, "t1", copy="")[0] == "stale"
     assert admit(store, "b", None, "t1", copy="older")[0] == "stale"
-    assert admit(store, "b", None, "t1", copy="newest")[0] == "run"
+    assert admit(store, "b", None, "t1", copy="newest")[0] == "run"  # a redelivery of it
+
+
+def test_older_message_takes_the_place_of_a_copy_that_never_started(store: RedisStore) -> None:
+    """A deferral recorded copy "new" and crashed, maybe before publishing it: the older
+    message that comes back runs (claimed), and the copy, should it arrive, is stale."""
+    store.client.set(copy_key(store, "t2"), "new", ex=600)
+    older = admit(store, None, None, "t2", copy="")
+    assert older[0] == "run" and older[7] == 1
+    assert admit(store, None, None, "t2", copy="new")[0] == "stale"
+    assert admit(store, None, None, "t2", copy="")[0] == "run"  # a redelivery of the owner
+    assert 0 < store.client.pttl(started_copy_key(store, "t2")) <= 600_000
+
+
+def test_first_publish_writes_nothing_for_copies(store: RedisStore) -> None:
+    assert admit(store, None, None, "t3")[0] == "run"
+    assert not store.client.exists(copy_key(store, "t3"), started_copy_key(store, "t3"))
 
 
 def test_breaker_single_probe_with_lease(store: RedisStore) -> None:

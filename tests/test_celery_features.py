@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from celery_reliable import DeadLetterStore
-from celery_reliable.admission.extension import copy_key
+from celery_reliable.admission.extension import COPY_HEADER, copy_key, started_copy_key
 from celery_reliable.core import compat
 from celery_reliable.core.store import store_for
 from celery_reliable.testing import wait_for
@@ -62,8 +62,9 @@ def test_a_stale_copy_is_dead_lettered_not_dropped_silently(ns, start_worker):
     start_worker("celeryfeatures")
     task_id = uuid.uuid4().hex
     store = store_for(app)
-    # A newer copy of this task id was deferred and is queued: this message is the old one.
+    # A newer copy of this task id was deferred and has started: this message is the old one.
     store.client.set(copy_key(store, task_id), "newer-copy-token", ex=600)
+    store.client.set(started_copy_key(store, task_id), "newer-copy-token", ex=600)
     app.tasks["cf.step"].apply_async((0,), task_id=task_id)
     dlq = DeadLetterStore(app)
     wait_for(lambda: dlq.count() == 1, 20, message="the stale copy's dead letter")
@@ -72,3 +73,28 @@ def test_a_stale_copy_is_dead_lettered_not_dropped_silently(ns, start_worker):
     assert entry.reason == "stale_copy"
     assert entry.args == [0]
     assert not [e for e in events(app, "started") if e["id"] == task_id]  # it did not run
+
+
+def test_a_message_whose_recorded_copy_never_started_runs(ns, start_worker):
+    """A deferral records its copy before publishing it; a kill -9 in between leaves a
+    record and no copy. The original message, redelivered, must run (not be dropped as
+    stale): then a copy that was published after all is the one dropped."""
+    app = ns.app(celeryfeatures.build)
+    start_worker("celeryfeatures")
+    task_id = uuid.uuid4().hex
+    store = store_for(app)
+    store.client.set(copy_key(store, task_id), "unpublished-copy", ex=600)
+    app.tasks["cf.step"].apply_async((0,), task_id=task_id)
+    wait_for(
+        lambda: [e for e in events(app, "done") if e["id"] == task_id],
+        20,
+        message="the original message to run in place of its unpublished copy",
+    )
+    # the copy turns up after all: it is the stale one now, and never runs
+    app.tasks["cf.step"].apply_async(
+        (0,), task_id=task_id, headers={COPY_HEADER: "unpublished-copy"}
+    )
+    dlq = DeadLetterStore(app)
+    wait_for(lambda: dlq.count() == 1, 20, message="the late copy's stale_copy dead letter")
+    assert dlq.list()[0].reason == "stale_copy"
+    assert len([e for e in events(app, "done") if e["id"] == task_id]) == 1

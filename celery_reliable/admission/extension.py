@@ -126,6 +126,15 @@ def copy_key(store: RedisStore, task_id: str, nesting: int = 0) -> str:
     return store.key(TAG, "copy", f"{task_id}:{nesting}" if nesting else task_id)
 
 
+def started_copy_key(store: RedisStore, task_id: str, nesting: int = 0) -> str:
+    """Key holding the token of the newest message of one deferred task that was admitted.
+
+    While it differs from :func:`copy_key`'s token, the newest copy has not started (and
+    may never have been published); an older message then runs in its place.
+    """
+    return copy_key(store, task_id, nesting) + ":started"
+
+
 def replacement_level(request: Any) -> int:
     """How many ``Task.replace()`` calls led to this request (0 for a published task)."""
     return int(getattr(request, "replaced_task_nesting", 0) or 0)
@@ -167,7 +176,8 @@ class AdmissionExtension:
         store = store_for(self.app)
         request = task.request
         headers = request.headers or {}
-        keys: list[str] = [copy_key(store, request.id, replacement_level(request))]
+        level = replacement_level(request)
+        keys = [copy_key(store, request.id, level), started_copy_key(store, request.id, level)]
         # ARGV of admit.lua by position (see its header); filled in per feature below
         argv: list[Any] = ["0", 0, 0, 0, "0", 0, 0, request.id, 0, 0, "", 0, "", 0]
         argv[10] = headers.get(COPY_HEADER, "")
@@ -203,7 +213,16 @@ class AdmissionExtension:
             instruments.store_error("admission")
             self._redis_unreachable(task, reply)
             return
-        verdict, wait_us, slot_us, state, probe, fails, trans = reply
+        verdict, wait_us, slot_us, state, probe, fails, trans, claimed = reply
+        if claimed:
+            logger.warning(
+                "celery_reliable: %s[%s] came back after a deferral whose copy has not "
+                "started (a crash between recording and publishing it, or before the ack): "
+                "this message takes the copy's place, and the copy, if it was published, "
+                "will be dropped as stale",
+                task.name,
+                request.id,
+            )
         if spec.breaker is not None:
             if trans:
                 logger.warning(
@@ -303,8 +322,10 @@ def defer(
     The copy keeps the task id, the retry count and every header; ``slot_us`` (when not 0)
     is the token slot the copy holds, sent as the ``x-reliable-slot`` header. Before the
     publish, Redis records the copy as the task's newest (a second round trip, on this slow
-    path only), so the message being deferred is dropped if a crash redelivers it, and the
-    copy is known even when a worker starts it at once.
+    path only), so the copy is known even when a worker starts it at once. If a crash
+    redelivers the message being deferred, the first of the two to be admitted runs and
+    the other is dropped as stale: the copy, once it started; else this message, which
+    then takes the place of a copy that may never have been published.
 
     Raises:
         Deferred: always, after the copy was published (the message is then acked).
