@@ -26,6 +26,10 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 RETURN_DEADLINE = 1.0
 #: Poll interval while timing the broker side.
 FAST_POLL = 0.01
+#: Celery's own shutdown after the drain is done (pool join: each billiard child sleeps
+#: 1 s after reporting its exit; the join polls every 0.5 s): ~1.5 s on an idle machine,
+#: up to ~2.8 s measured with both cores loaded (docs/drain.md).
+CELERY_SHUTDOWN_BUDGET = 3.0
 
 
 def _timing(label: str, **values: float) -> None:
@@ -173,7 +177,10 @@ def test_task_longer_than_drain_timeout_is_requeued_and_completed_elsewhere(ns, 
     t_exit = time.monotonic() - t0
     assert code == 0, w1.log()[-3000:]
     assert 2.0 <= t_requeued < 3.0, f"requeued after {t_requeued:.3f}s (drain timeout 2 s)"
-    assert t_exit < 4.0, f"exited after {t_exit:.3f}s"
+    # the drain's own part ends at the deadline; what follows is Celery's pool shutdown
+    assert t_exit - t_requeued < CELERY_SHUTDOWN_BUDGET, (
+        f"exited {t_exit - t_requeued:.3f}s after the requeue ({t_exit:.3f}s after SIGTERM)"
+    )
     assert broker.unacked() == 0
     assert "drain timeout of 2.0s reached" in w1.log()
     assert "1 running requeued" in w1.log()
@@ -209,7 +216,7 @@ def _second_signal_requeues_at_once(ns, start_worker, broker, app, sig: int, lab
     assert code == 0, w1.log()[-3000:]
     assert t_back < RETURN_DEADLINE
     assert t_requeued < RETURN_DEADLINE, f"requeued {t_requeued:.3f}s after the 2nd signal"
-    assert t_exit < 3.0, f"exited {t_exit:.3f}s after the second signal"
+    assert t_exit < CELERY_SHUTDOWN_BUDGET, f"exited {t_exit:.3f}s after the second signal"
     assert f"{signal.Signals(sig).name} received during the drain" in w1.log()
     _timing(label, prefetched_back=t_back, requeued_after_2nd=t_requeued, exit_after_2nd=t_exit)
 
