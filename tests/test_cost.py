@@ -12,6 +12,8 @@ while tasks run is the package's per-task work: round trips from ``INFO stats``
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from celery_reliable.ordering.scripts import ORD_START
 from celery_reliable.orphans.scripts import LEDGER_START
 from celery_reliable.testing import RedisServer, WorkerProcess, wait_for
 from tests.apps import cost
+from tests.apps.common import install, make_app
 from tests.conftest import Namespace
 
 #: Tasks run per combination, after WARM_UP tasks that connect the pool processes and
@@ -39,6 +42,8 @@ QUIET = {
     "CELERY_RELIABLE_WORKER_TIMEOUT": "7200",
 }
 
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 #: Commands a client sends once per new connection (each its own round trip): a pool
 #: process's first connection is not per-task work.
@@ -212,3 +217,46 @@ def test_without_reliable_fetch_the_ledger_records_every_task(
     report = measure(ns, start_worker, coordination, {"CELERY_RELIABLE_FETCH": "0"})
     per_task = check_budget(report)
     assert all(n == MAX_ROUND_TRIPS for n in per_task.values()), per_task
+
+
+@pytest.mark.amqp
+def test_on_rabbitmq_the_ledger_records_every_task(
+    ns: Namespace,
+    coordination: RedisServer,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """RabbitMQ has no fetch record: a no-option ReliableTask is recorded in the in-flight
+    ledger, one script at start and one at the end, as before."""
+    queue = ns.queue = f"q-cost-{uuid.uuid4().hex[:10]}"
+    app = install(cost.build(make_app("producer", AMQP_URL, ns.redis_url, ns.prefix, queue)))
+    counter = redis.Redis.from_url(ns.broker_url)  # the Redis the tasks count on
+    key = cost.count_key(app)
+    try:
+        # the node name unique on the shared RabbitMQ (its pidbox queue is exclusive)
+        start_worker("cost", name=f"w1-{queue}", env={**QUIET, "CR_BROKER_URL": AMQP_URL})
+        served = Served(redis.Redis.from_url(coordination.url(0)))
+        task = app.tasks["cost.none"]
+        for i in range(WARM_UP):
+            task.delay(i, "warm")
+        wait_for(lambda: int(counter.get(key) or 0) >= WARM_UP, 30, message="warm-up")
+        before = served.snapshot()
+        ends = before["round_trips"] + MAX_ROUND_TRIPS * TASKS
+        # the warm-up's ends may still be running: they are counted from `before` on too
+        for i in range(TASKS):
+            task.delay(i, "measured")
+        wait_for(
+            lambda: (
+                int(counter.get(key) or 0) == WARM_UP + TASKS
+                and served.snapshot()["round_trips"] >= ends
+            ),
+            30,
+            interval=0.05,
+            message=lambda: f"{TASKS} tasks run, and their ledger scripts: {served.snapshot()}",
+        )
+        spent = Served.delta(before, served.snapshot())
+        assert spent.get("evalsha", 0) >= MAX_ROUND_TRIPS * TASKS, spent
+    finally:
+        counter.delete(key)
+        with contextlib.suppress(Exception), app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+            conn.default_channel.exchange_delete(queue)
