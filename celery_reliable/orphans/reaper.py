@@ -12,6 +12,9 @@ twice) and recovers everything it held:
   reaches ``reliable_max_recoveries`` it is dead-lettered (reason ``orphaned``, with its arguments
   read from the message) and removed from ``unacked`` instead. Messages the worker had
   prefetched but not started (reported by its heartbeat) are restored too, without counting.
+  With reliable fetch the worker's fetch record is its in-flight record: a ReliableTask's
+  first delivery writes no ledger entry, so its record entry counts like one unless the
+  worker's last heartbeat reported it still waiting (not handed to the pool).
   A message is only restored if the dead worker is still its latest receiver (its
   ``unacked_index`` score is not newer than when the worker started or reported it).
 - **RabbitMQ.** The broker already redelivered the dead consumer's unacknowledged messages

@@ -620,7 +620,7 @@ def _record_sizes(app: Any, worker_ids: list[str]) -> list[int]:
     if not worker_ids or not broker_is_redis(app):
         return [0] * len(worker_ids)
     prefix = settings_of(app).key_prefix
-    with app.connection_for_write() as conn, conn.default_channel.conn_or_acquire() as client:
+    with app.pool.acquire(block=True) as conn, conn.default_channel.conn_or_acquire() as client:
         pipe = client.pipeline(transaction=False)
         for wid in worker_ids:
             pipe.hlen(record_key(prefix, wid))  # kombu adds its global_keyprefix to HLEN
