@@ -138,8 +138,10 @@ def test_dead_letter_counts_follow_adds_evictions_removals_and_older_entries(ns)
 
 
 def test_status_shows_last_pass_in_flight_blocked_keys_and_throttling(ns, start_worker):
+    from celery_reliable.core.store import store_for
     from celery_reliable.ordering.extension import assign_sequence
     from celery_reliable.orphans.reaper import Reaper
+    from celery_reliable.orphans.registry import RegistryKeys
 
     app = ns.app(obs.build)
     start_worker("obs", concurrency=2)
@@ -172,7 +174,11 @@ def test_status_shows_last_pass_in_flight_blocked_keys_and_throttling(ns, start_
     report = collect(app)
     assert report["reaper"]["seconds"] == 0.0042 and report["reaper"]["last_pass"]
     [worker] = report["workers"]
+    # counted from the worker's fetch record: with reliable fetch the slow task has no
+    # ledger entry
     assert worker["in_flight"] == 1
+    store = store_for(app)
+    assert store.client.hlen(RegistryKeys(store).ledger(worker["id"])) == 0
     assert list(report["throttling"]) == ["obs.trickle"]
     assert report["throttling"]["obs.trickle"]["tokens"] < 1
 

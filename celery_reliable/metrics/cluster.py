@@ -45,7 +45,9 @@ class ClusterView:
 
     Parameters:
       workers: live registered workers.
-      in_flight: tasks started and not ended, over every registered worker.
+      in_flight: tasks in flight over every registered worker: received and not
+        acknowledged on the Redis broker with reliable fetch (the fetch records), started
+        and not ended elsewhere (the ledgers).
       dead_letters: stored dead letters by reason.
       recovered: cluster counters of orphan recoveries by action.
       ordering_parked: tasks parked waiting for their turn.
@@ -90,7 +92,7 @@ class _Collector:
         if view is not None:
             yield GaugeMetricFamily(name("workers"), "Live registered workers", value=view.workers)
             yield GaugeMetricFamily(
-                name("in_flight"), "Tasks running on registered workers", value=view.in_flight
+                name("in_flight"), "Tasks in flight on registered workers", value=view.in_flight
             )
             g = GaugeMetricFamily(
                 name("dead_letters"), "Dead letters stored, by reason", labels=["reason"]

@@ -11,6 +11,11 @@ For a tag the worker surrendered (held when the reaper took it), only the local 
 is done and nothing is sent to Redis, until the same message is delivered to this worker
 again (``append``), which makes it this worker's to acknowledge again.
 
+A withheld acknowledgement means the task finished here although its message was given back
+(and runs again elsewhere): on a worker that receives with reliable fetch (whose ReliableTasks
+have no ledger entry to find missing) it is logged as having probably run twice and counted
+(``duplicates`` in the status; one store round trip, on this rare path only).
+
 The check costs one clock read per ack while the heartbeat is fresh; when the last
 successful heartbeat is older than the worker timeout (the worker may have been reaped),
 the first ack waits up to :data:`REAPED_CHECK_WAIT` seconds for the heartbeat thread to
@@ -29,7 +34,8 @@ from celery import bootsteps
 from kombu.transport.virtual.base import QoS as VirtualQoS
 
 from ..core.broker import broker_is_redis
-from .registry import current_heartbeat
+from ..core.store import STORE_ERRORS, store_for
+from .registry import RegistryKeys, current_heartbeat, worker_fetches
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +68,8 @@ class AckGuardStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 return
             if heart.surrendered(str(delivery_tag), REAPED_CHECK_WAIT):
                 _skip(qos, delivery_tag, "acknowledge")
+                if worker_fetches():
+                    _count_duplicate(c.app, heart.registry.worker_id, delivery_tag)
                 return
             original_ack(delivery_tag)
 
@@ -93,3 +101,17 @@ def _skip(qos: Any, delivery_tag: Any, what: str) -> None:
         what,
         delivery_tag,
     )
+
+
+def _count_duplicate(app: Any, worker_id: str, delivery_tag: Any) -> None:
+    logger.warning(
+        "celery_reliable: message %s finished on worker %s after a reaper had declared the "
+        "worker dead and given the message back: its task has probably run twice",
+        delivery_tag,
+        worker_id,
+    )
+    store = store_for(app)
+    try:
+        store.client.hincrby(RegistryKeys(store).stats, "duplicates", 1)
+    except STORE_ERRORS as exc:
+        logger.warning("celery_reliable: could not count the duplicate (%r)", exc)

@@ -4,7 +4,8 @@
 --
 -- KEYS[1]    unacked        HASH  kombu's: delivery tag -> [payload, exchange, routing key]
 -- KEYS[2]    unacked_index  ZSET  kombu's: delivery tag -> delivery time
--- KEYS[3]    fetch record   HASH  this worker's: delivery tag -> JSON {t, id, task, q}
+-- KEYS[3]    fetch record   HASH  this worker's: delivery tag -> JSON {t, id, task, q, r?}
+--            (r = 1 when kombu restored the message before: delivery_info.redelivered)
 -- KEYS[4..]  queue keys to try, in order (queues x priority steps, as kombu's BRPOP)
 -- ARGV[i]    the queue name of KEYS[3 + i]
 --
@@ -35,6 +36,8 @@ local now = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 redis.call('HSET', KEYS[1], tag,
   '[' .. item .. ',' .. json(info.exchange) .. ',' .. json(info.routing_key) .. ']')
 redis.call('ZADD', KEYS[2], now, tag)
+local r = nil
+if info.redelivered == true then r = 1 end
 redis.call('HSET', KEYS[3], tag, cjson.encode({
-  t = now, id = text(headers.id), task = text(headers.task), q = ARGV[n]}))
+  t = now, id = text(headers.id), task = text(headers.task), q = ARGV[n], r = r}))
 return {n, item, 1}

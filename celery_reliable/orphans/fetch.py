@@ -12,12 +12,15 @@ an entry in the worker's *fetch record*::
 
     <global_keyprefix><reliable_key_prefix>:fetch:<worker id>   HASH  delivery tag -> JSON
         {"t": delivery time (Redis clock, = its unacked_index score), "id": task id,
-         "task": task name, "q": queue}
+         "task": task name, "q": queue, "r": 1 when kombu restored it before}
 
 So a message is, at every instant, on its queue, in ``unacked`` *and* the record of the
 worker holding it, or acknowledged (the ack removes the three entries in one MULTI). When
 the worker dies the reaper gives back every message of its record
-(:mod:`celery_reliable.orphans.reaper`).
+(:mod:`celery_reliable.orphans.reaper`). The record is also the in-flight record of the
+worker's ReliableTasks: while the channel fetches this way, the pool processes write no
+ledger entry for a message delivered for the first time (see
+:mod:`celery_reliable.orphans.ledger`).
 
 When every queue is empty the channel waits with ``BLMOVE key key RIGHT RIGHT`` on the
 first queue of the rotation (a no-op move: the element stays; Redis >= 6.2), so a message
@@ -52,10 +55,12 @@ from redis.exceptions import NoScriptError
 
 from ..core.compat import kombu_redis as kr
 from ..core.state import settings_of
-from .registry import current_worker_id, held_delivery_tags
+from .registry import current_worker_id, held_delivery_tags, record_key, set_fetching
 from .scripts import FETCH
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["FetchStep", "ReliableFetch", "record_key"]
 
 #: Redis version the idle wait (BLMOVE) needs.
 MIN_REDIS_VERSION = (6, 2)
@@ -69,11 +74,6 @@ ERROR_BACKOFF_MIN = 0.1
 ERROR_BACKOFF_MAX = 2.0
 #: Seconds between two log lines about the same failing fetch.
 ERROR_LOG_INTERVAL = 30.0
-
-
-def record_key(key_prefix: str, worker_id: str) -> str:
-    """The fetch record of ``worker_id`` (a broker key, before kombu's global prefix)."""
-    return f"{key_prefix}:fetch:{worker_id}"
 
 
 class ReliableFetch:
@@ -258,19 +258,25 @@ class FetchStep(bootsteps.StartStopStep):  # type: ignore[misc]
             entry.cancel()
 
     def start(self, c: Any) -> None:
+        on = self._start(c)
+        set_fetching(on)  # the pool processes skip the ledger while this is on
+
+    def _start(self, c: Any) -> bool:
         settings = settings_of(c.app)
         worker_id = current_worker_id()
         consumer = getattr(c, "task_consumer", None)
         if not settings.fetch or worker_id is None or consumer is None:
-            return
+            return False
         channel = consumer.channel
-        if not kr.is_redis_channel(channel) or getattr(channel, "_reliable_fetch", None):
-            return
+        if not kr.is_redis_channel(channel):
+            return False
+        if getattr(channel, "_reliable_fetch", None):
+            return True
         if not channel.ack_emulation:
             logger.warning(
                 "celery_reliable: reliable_fetch is off: the broker's ack_emulation is False"
             )
-            return
+            return False
         version = broker_version(channel)
         if version < MIN_REDIS_VERSION:
             logger.error(
@@ -280,7 +286,7 @@ class FetchStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 ".".join(map(str, MIN_REDIS_VERSION)),
                 ".".join(map(str, version)),
             )
-            return
+            return False
         fetch = ReliableFetch(channel, record_key(settings.key_prefix, worker_id))
         fetch.install()
         channel._reliable_fetch = fetch
@@ -295,3 +301,4 @@ class FetchStep(bootsteps.StartStopStep):  # type: ignore[misc]
                     logger.debug("celery_reliable: fetch record check failed: %r", exc)
 
             self.timer_entry = c.timer.call_repeatedly(every, reconcile)
+        return True

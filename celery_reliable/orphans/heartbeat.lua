@@ -2,13 +2,14 @@
 --
 -- KEYS[1] workers  ZSET  worker id -> last heartbeat (Redis time, Unix seconds)
 -- KEYS[2] info     HASH  worker id -> JSON {node, hostname, pid, started_at, ...}
--- KEYS[3] held     HASH  delivery tag -> worker-clock time it was reported (this worker)
+-- KEYS[3] held     HASH  delivery tag -> worker-clock time it was reported (this worker),
+--                  followed by ' started' when the worker had handed it to its pool
 -- KEYS[4] reaped   STRING set by a reaper that declared this worker dead
 -- KEYS[5] epoch    STRING when this registry began (set here when missing: a store that
 --                  lost its data starts a new generation, see reaper_epoch.lua)
 -- ARGV[1] worker id, ARGV[2] info JSON, ARGV[3] report time (worker clock)
 -- ARGV[4] 1 to replace the held tags with ARGV[5..], 0 to leave them alone
--- ARGV[5..] delivery tags held (prefetched or running)
+-- ARGV[5..] delivery tags held (prefetched or running); '+' before a tag: handed to the pool
 --
 -- Returns {was_reaped (0/1), now}. A reaped worker is registered again under the same id.
 local t = redis.call('TIME')
@@ -20,7 +21,11 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[3])
   for i = 5, #ARGV do
-    redis.call('HSET', KEYS[3], ARGV[i], ARGV[3])
+    if string.sub(ARGV[i], 1, 1) == '+' then
+      redis.call('HSET', KEYS[3], string.sub(ARGV[i], 2), ARGV[3] .. ' started')
+    else
+      redis.call('HSET', KEYS[3], ARGV[i], ARGV[3])
+    end
   end
 end
 return {was_reaped, tostring(now)}

@@ -1,6 +1,17 @@
 """In-flight ledger: which worker runs which ReliableTask, so a reaper can recover it.
 
-A :class:`LedgerExtension` runs in the pool process around every ReliableTask. At start it
+On a worker that receives with reliable fetch (Redis broker, ``reliable_fetch``), the
+worker's fetch record already is the in-flight record (:mod:`celery_reliable.orphans.fetch`):
+written with the pop, removed with kombu's ack. There the ledger writes nothing for a
+message delivered for the first time (no store round trip at all), and the reaper counts a
+recovery for a dead worker's first-time ReliableTask entries it cannot prove unstarted
+(:mod:`celery_reliable.orphans.reaper`). A message kombu restored before
+(``delivery_info['redelivered']``: a recovery, a requeue, a shutdown restore) is recorded
+here as everywhere else, so from its second delivery on its start is known exactly and its
+recovery count is checked at start.
+
+Elsewhere (RabbitMQ, ``reliable_fetch = False``) a :class:`LedgerExtension` runs in the
+pool process around every ReliableTask. At start it
 writes ``task id -> {delivery tag, task, exchange, routing key, start time}`` into the
 ledger of the worker (``<prefix>:{reaper}:ledger:<worker id>``) and reads the task's
 recovery count (``ledger_start.lua``); at the end it removes the entry (``ledger_end.lua``).
@@ -36,7 +47,7 @@ from ..core.extensions import ORDER_LEDGER, Outcome
 from ..core.state import settings_of
 from ..core.store import STORE_ERRORS, store_for
 from ..task import ReliableTask
-from .registry import RegistryKeys, current_worker_id
+from .registry import RegistryKeys, current_worker_id, worker_fetches
 from .scripts import LEDGER_END, LEDGER_START
 
 logger = logging.getLogger(__name__)
@@ -84,9 +95,11 @@ class LedgerExtension:
         if worker_id is None:  # not inside a worker that runs the registry step
             return ()
         request = task.request
+        info = request.delivery_info or {}
+        if worker_fetches() and not info.get("redelivered"):
+            return ()  # its worker's fetch record is its in-flight record
         keys = RegistryKeys(store_for(self.app))
         properties = request.properties or {}
-        info = request.delivery_info or {}
         entry = {
             "tag": properties.get("delivery_tag"),
             "task": task.name,
@@ -158,10 +171,12 @@ class LedgerExtension:
         if worker_id is None:
             return None
         keys = RegistryKeys(store_for(self.app))
+        # With reliable fetch the ack guard counts every late finish (ledger or not).
+        counts = "0" if worker_fetches() else "1"
         return ScriptCall(
             LEDGER_END,
             [keys.ledger(worker_id), keys.recoveries(request.id), keys.stats],
-            [request.id, "1" if terminal else "0"],
+            [request.id, "1" if terminal else "0", counts],
         )
 
     def _remove(self, task: ReliableTask, terminal: bool) -> None:
@@ -190,7 +205,7 @@ class LedgerExtension:
                 reply,
             )
             return
-        if not int(reply):
+        if not int(reply) and not worker_fetches():
             logger.warning(
                 "celery_reliable: %s[%s] finished on worker %s after a reaper had declared the"
                 " worker dead and recovered the task: it has probably run twice",

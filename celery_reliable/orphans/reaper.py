@@ -12,6 +12,9 @@ twice) and recovers everything it held:
   reaches ``reliable_max_recoveries`` it is dead-lettered (reason ``orphaned``, with its arguments
   read from the message) and removed from ``unacked`` instead. Messages the worker had
   prefetched but not started (reported by its heartbeat) are restored too, without counting.
+  With reliable fetch the worker's fetch record is its in-flight record: a ReliableTask's
+  first delivery writes no ledger entry, so its record entry counts like one unless the
+  worker's last heartbeat reported it still waiting (not handed to the pool).
   A message is only restored if the dead worker is still its latest receiver (its
   ``unacked_index`` score is not newer than when the worker started or reported it).
 - **RabbitMQ.** The broker already redelivered the dead consumer's unacknowledged messages
@@ -52,9 +55,14 @@ from ..deadletters import record
 from ..deadletters.record import DeadLetter
 from ..deadletters.store import DeadLetterStore
 from ..task import ReliableTask
-from .fetch import record_key
 from .ledger import RecoveredTooOften
-from .registry import REAPED_MARKER_TTL, RECOVERY_COUNT_TTL, RegistryKeys, presence_name
+from .registry import (
+    REAPED_MARKER_TTL,
+    RECOVERY_COUNT_TTL,
+    RegistryKeys,
+    presence_name,
+    record_key,
+)
 from .scripts import REAPER_CLAIM, REAPER_EPOCH, REAPER_RECLAIM
 
 logger = logging.getLogger(__name__)
@@ -539,13 +547,20 @@ class Reaper:
     ) -> list[Recovery]:
         """Give back what the dead worker received but had not started (or started as a
         plain task, which has no ledger entry): every entry of its fetch record (reliable
-        fetch), plus the delivery tags its last heartbeat reported (workers without it)."""
+        fetch), plus the delivery tags its last heartbeat reported (workers without it).
+
+        The fetch record is also the in-flight record of the ReliableTasks it delivered for
+        the first time (they write no ledger entry): such an entry counts a recovery like a
+        ledger entry unless the last heartbeat reported its message as still waiting in
+        the worker (not handed to the pool), since the task may have started and killed
+        its worker (:meth:`_counts`)."""
         assert self.restorer is not None
         client: Any = self.store.client
         record = record_key(self.settings.key_prefix, wid)
         started = set(started)
-        given: dict[str, tuple[float | None, Any, Any]] = {
-            tag: (float(reported), None, None) for tag, reported in held.items()
+        waiting = {tag for tag, value in held.items() if not value.endswith(" started")}
+        given: dict[str, tuple[float | None, Any, Any, bool]] = {
+            tag: (float(reported.split()[0]), None, None, False) for tag, reported in held.items()
         }
         done = []
         # Read the record twice: a pop the dead process sent just before it died may run on
@@ -555,9 +570,14 @@ class Reaper:
             fetched = self.restorer.record(record)
             for tag, entry in fetched.items():
                 t = entry.get("t")  # its unacked_index score: a later delivery is "moved"
-                given[tag] = (float(t) if t else None, entry.get("id"), entry.get("task"))
-            for tag, (not_after, task_id, name) in sorted(given.items()):
+                counts = tag not in waiting and self._counts(entry)
+                given[tag] = (float(t) if t else None, entry.get("id"), entry.get("task"), counts)
+            for tag, (not_after, task_id, name, counts) in sorted(given.items()):
                 if tag in started:
+                    continue
+                if counts:
+                    entry = {"task": name, "tag": tag, "t": not_after}
+                    done.append(self._recover_started(wid, node, str(task_id), entry))
                     continue
                 action = self.restorer.restore(tag, not_after)
                 if action == "restored":
@@ -577,6 +597,16 @@ class Reaper:
             started |= set(given)
             given = {}
         return done
+
+    def _counts(self, entry: dict[str, Any]) -> bool:
+        """Whether a fetch-record entry counts a recovery: a ReliableTask's message
+        delivered for the first time (a redelivered one writes a ledger entry at start)."""
+        name = entry.get("task")
+        return (
+            bool(entry.get("id"))
+            and not entry.get("r")
+            and isinstance(self.app.tasks.get(name), ReliableTask)
+        )
 
     def _recover_started(
         self, wid: str, node: str | None, task_id: str, entry: dict[str, Any]

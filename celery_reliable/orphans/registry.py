@@ -29,6 +29,7 @@ Examples:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -39,12 +40,14 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.sharedctypes import RawValue
 from typing import Any
 
 import redis
 from kombu.utils.url import maybe_sanitize_url
 
 from ..core import compat, instruments
+from ..core.broker import broker_is_redis
 from ..core.config import parse_store_url
 from ..core.state import settings_of
 from ..core.store import RedisStore, make_client, store_for
@@ -55,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a "you were declared dead" marker waits for its (paused) worker to read it.
 REAPED_MARKER_TTL = 24 * 3600
+#: Marks a reported held tag as handed to the pool (heartbeat.lua stores it in the value).
+STARTED_MARK = "+"
 #: Seconds a task's recovery count is kept after its last recovery.
 RECOVERY_COUNT_TTL = 7 * 24 * 3600
 #: Attempts at copying the reserved-requests set while the event loop mutates it.
@@ -66,6 +71,9 @@ REGISTER_BACKOFF_MAX = 10.0
 
 _current_worker_id: str | None = None
 _current_heartbeat: Heartbeat | None = None
+#: Whether this worker's task channel runs reliable fetch: shared memory made by the worker
+#: step before the pool forks, set by the consumer's fetch step, read by the pool processes.
+_fetching: Any = None
 #: Presence clients of this process. A forked pool process closes its copies of their
 #: sockets, so that only the worker's main process holds its named connection open.
 _presence_clients: weakref.WeakSet[redis.Redis] = weakref.WeakSet()
@@ -90,6 +98,12 @@ def presence_name(key_prefix: str, worker_id: str) -> str:
     return f"{key_prefix}:worker:{worker_id}"
 
 
+def record_key(key_prefix: str, worker_id: str) -> str:
+    """The fetch record of ``worker_id`` (a broker key, before kombu's global prefix; see
+    :mod:`celery_reliable.orphans.fetch`)."""
+    return f"{key_prefix}:fetch:{worker_id}"
+
+
 def new_worker_id(hostname: str | None = None, pid: int | None = None) -> str:
     """A fresh, unique worker id: ``<host>:<pid>:<8 random hex digits>``."""
     host = (hostname or socket.gethostname()).replace("{", "").replace("}", "")
@@ -108,9 +122,23 @@ def current_heartbeat() -> Heartbeat | None:
 
 def set_current(worker_id: str, heartbeat: Heartbeat | None) -> None:
     """Record this worker's id (inherited by pool processes) and heartbeat."""
-    global _current_worker_id, _current_heartbeat
+    global _current_worker_id, _current_heartbeat, _fetching
     _current_worker_id = worker_id
     _current_heartbeat = heartbeat
+    if _fetching is None:  # before the pool forks: the pool processes share it
+        _fetching = RawValue(ctypes.c_bool, False)
+
+
+def set_fetching(on: bool) -> None:
+    """Say whether this worker's task channel runs reliable fetch (its MainProcess)."""
+    if _fetching is not None:
+        _fetching.value = on
+
+
+def worker_fetches() -> bool:
+    """Whether the worker this process belongs to receives with reliable fetch: then its
+    fetch record is the in-flight record and the ledger is not written."""
+    return bool(_fetching is not None and _fetching.value)
 
 
 @dataclass(frozen=True)
@@ -222,13 +250,17 @@ class WorkerRegistry:
             sort_keys=True,
         )
 
-    def heartbeat(self, held_tags: list[str] | None = None) -> bool:
-        """Refresh the registration (and the held delivery tags, when given).
+    def heartbeat(
+        self, held_tags: list[str] | None = None, started: set[str] | frozenset[str] = frozenset()
+    ) -> bool:
+        """Refresh the registration (and the held delivery tags, when given; those in
+        ``started`` were handed to the pool, the others wait in the worker).
 
         Returns True when a reaper had declared this worker dead since the last beat.
         """
         k = self.keys
         replace = "1" if held_tags is not None else "0"
+        reported = [STARTED_MARK + t if t in started else t for t in held_tags or ()]
         reply = self.store.script(HEARTBEAT)(
             keys=[
                 k.workers,
@@ -237,7 +269,7 @@ class WorkerRegistry:
                 k.reaped(self.worker_id),
                 k.epoch,
             ],
-            args=[self.worker_id, self.info_json(), repr(time.time()), replace, *(held_tags or [])],
+            args=[self.worker_id, self.info_json(), repr(time.time()), replace, *reported],
             client=self.presence,
         )
         return bool(int(reply[0]))
@@ -292,8 +324,9 @@ def store_problem(exc: BaseException) -> str | None:
     return None
 
 
-def held_delivery_tags() -> list[str]:
-    """Delivery tags of the requests this worker holds (prefetched, ETA-waiting, running)."""
+def held_delivery_tags(started: set[str] | None = None) -> list[str]:
+    """Delivery tags of the requests this worker holds (prefetched, ETA-waiting, running);
+    the tags of those already handed to the pool are added to ``started`` when given."""
     from celery.worker import state
 
     for _ in range(SNAPSHOT_ATTEMPTS):
@@ -310,6 +343,8 @@ def held_delivery_tags() -> list[str]:
         tag = getattr(message, "delivery_tag", None)
         if tag is not None and not req.acknowledged:
             tags.add(str(tag))
+            if started is not None and compat.sent_to_pool(req):
+                started.add(str(tag))
     return sorted(tags)
 
 
@@ -349,6 +384,8 @@ class Heartbeat:
         self._beats = 0
         self._last_ok = time.monotonic()
         self._stale_waited = False
+        #: Held tags of the last report that had been handed to the pool.
+        self._started: set[str] = set()
 
     def start(self) -> None:
         self.register()
@@ -372,7 +409,7 @@ class Heartbeat:
         pause = REGISTER_BACKOFF
         while True:
             try:
-                self.registry.heartbeat(self._held() if self.report_tags else None)
+                self.registry.heartbeat(self._held() if self.report_tags else None, self._started)
             except redis.RedisError as exc:
                 check_store_answer(self.registry.store, exc)
                 logger.error(
@@ -404,7 +441,8 @@ class Heartbeat:
     def _held(self) -> list[str]:
         # The requests Celery tracks, plus every message still unacknowledged on the task
         # channel (that also covers requests parked in Celery's own rate-limit buckets).
-        tags = sorted(set(held_delivery_tags()) | self._unacked_tags())
+        self._started = set()
+        tags = sorted(set(held_delivery_tags(self._started)) | self._unacked_tags())
         return [t for t in tags if t not in self._surrendered] if self._surrendered else tags
 
     def watch_qos(self, qos: Any) -> None:
@@ -453,7 +491,7 @@ class Heartbeat:
         reg = self.registry
         try:
             tags = self._held() if self.report_tags else None
-            was_reaped = reg.heartbeat(tags)
+            was_reaped = reg.heartbeat(tags, self._started)
             if was_reaped:
                 # The reaper gave these messages back; another worker may hold them by now
                 # (same delivery tags). Never ack or report them again, so that neither our
@@ -462,7 +500,7 @@ class Heartbeat:
                 self._surrendered.update(tags or ())
                 self._surrendered.update(self._unacked_tags())
                 if tags:
-                    reg.heartbeat(self._held())
+                    reg.heartbeat(self._held(), self._started)
         except redis.RedisError as exc:
             if not self._failing:
                 logger.error(
@@ -554,6 +592,7 @@ def live_workers(app: Any) -> list[dict[str, Any]]:
         pipe.hlen(k.held(wid))
     replies = pipe.execute()
     infos, counts = replies[0], replies[1:]
+    records = _record_sizes(app, [wid for wid, _ in rows])
     timeout = settings_of(app).worker_timeout
     out = []
     for i, (wid, score) in enumerate(rows):
@@ -565,11 +604,27 @@ def live_workers(app: Any) -> list[dict[str, Any]]:
                 "id": wid,
                 "heartbeat_age": round(age, 2),
                 "alive": age <= timeout,
-                "in_flight": int(counts[2 * i]),
+                "in_flight": max(int(counts[2 * i]), records[i]),
                 "held": int(counts[2 * i + 1]),
             }
         )
     return out
+
+
+def _record_sizes(app: Any, worker_ids: list[str]) -> list[int]:
+    """How many messages each worker's fetch record holds (0 off the Redis broker).
+
+    On the Redis broker with reliable fetch the record is the in-flight record (received
+    and not acknowledged; the ledger only has the redelivered ReliableTasks, which are in
+    the record too), so a worker's in-flight count is the larger of the two."""
+    if not worker_ids or not broker_is_redis(app):
+        return [0] * len(worker_ids)
+    prefix = settings_of(app).key_prefix
+    with app.pool.acquire(block=True) as conn, conn.default_channel.conn_or_acquire() as client:
+        pipe = client.pipeline(transaction=False)
+        for wid in worker_ids:
+            pipe.hlen(record_key(prefix, wid))  # kombu adds its global_keyprefix to HLEN
+        return [int(n or 0) for n in pipe.execute()]
 
 
 def reaper_stats(app: Any) -> dict[str, int]:

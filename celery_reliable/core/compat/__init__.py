@@ -48,6 +48,7 @@ __all__ = [
     "remove_from_unacked_indices",
     "restore_unacked_message",
     "scheduled_requests",
+    "sent_to_pool",
 ]
 
 #: The releases every touchpoint below was read in (and the version matrix runs).
@@ -402,6 +403,11 @@ def apply_result(request: Any) -> Any:
     """The pool job of a request sent to the pool (None once accepted or never sent)."""
     ref = request._apply_result
     return ref() if ref is not None else None
+
+
+def sent_to_pool(request: Any) -> bool:
+    """Whether the worker handed the request to its pool (it may be running)."""
+    return request._apply_result is not None or request.time_start is not None
 
 
 def mark_cancelled(request: Any) -> None:
