@@ -3,7 +3,8 @@
 -- KEYS[1] workers  ZSET  worker id -> last heartbeat (Redis time, Unix seconds)
 -- KEYS[2] info     HASH  worker id -> JSON {node, hostname, pid, started_at, ...}
 -- KEYS[3] held     HASH  delivery tag -> worker-clock time it was reported (this worker),
---                  followed by ' started' when the worker had handed it to its pool
+--                  with a '+' before it when the worker had handed it to its pool (still
+--                  a number to float(): a reaper of an earlier release reads it as before)
 -- KEYS[4] reaped   STRING set by a reaper that declared this worker dead
 -- KEYS[5] epoch    STRING when this registry began (set here when missing: a store that
 --                  lost its data starts a new generation, see reaper_epoch.lua)
@@ -22,7 +23,7 @@ if ARGV[4] == '1' then
   redis.call('DEL', KEYS[3])
   for i = 5, #ARGV do
     if string.sub(ARGV[i], 1, 1) == '+' then
-      redis.call('HSET', KEYS[3], string.sub(ARGV[i], 2), ARGV[3] .. ' started')
+      redis.call('HSET', KEYS[3], string.sub(ARGV[i], 2), '+' .. ARGV[3])
     else
       redis.call('HSET', KEYS[3], ARGV[i], ARGV[3])
     end

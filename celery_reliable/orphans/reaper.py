@@ -59,6 +59,7 @@ from .ledger import RecoveredTooOften
 from .registry import (
     REAPED_MARKER_TTL,
     RECOVERY_COUNT_TTL,
+    STARTED_MARK,
     RegistryKeys,
     presence_name,
     record_key,
@@ -558,9 +559,9 @@ class Reaper:
         client: Any = self.store.client
         record = record_key(self.settings.key_prefix, wid)
         started = set(started)
-        waiting = {tag for tag, value in held.items() if not value.endswith(" started")}
+        waiting = {tag for tag, value in held.items() if not value.startswith(STARTED_MARK)}
         given: dict[str, tuple[float | None, Any, Any, bool]] = {
-            tag: (float(reported.split()[0]), None, None, False) for tag, reported in held.items()
+            tag: (float(reported), None, None, False) for tag, reported in held.items()
         }
         done = []
         # Read the record twice: a pop the dead process sent just before it died may run on

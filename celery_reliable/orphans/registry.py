@@ -44,6 +44,7 @@ from multiprocessing.sharedctypes import RawValue
 from typing import Any
 
 import redis
+from kombu.exceptions import KombuError
 from kombu.utils.url import maybe_sanitize_url
 
 from ..core import compat, instruments
@@ -58,8 +59,11 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a "you were declared dead" marker waits for its (paused) worker to read it.
 REAPED_MARKER_TTL = 24 * 3600
-#: Marks a reported held tag as handed to the pool (heartbeat.lua stores it in the value).
+#: Marks a reported held tag as handed to the pool: heartbeat.lua stores the report time
+#: with this sign before it, which ``float()`` still reads (reapers of earlier releases).
 STARTED_MARK = "+"
+#: Seconds ``status`` waits for a broker connection to read the fetch records.
+BROKER_READ_TIMEOUT = 5.0
 #: Seconds a task's recovery count is kept after its last recovery.
 RECOVERY_COUNT_TTL = 7 * 24 * 3600
 #: Attempts at copying the reserved-requests set while the event loop mutates it.
@@ -620,11 +624,22 @@ def _record_sizes(app: Any, worker_ids: list[str]) -> list[int]:
     if not worker_ids or not broker_is_redis(app):
         return [0] * len(worker_ids)
     prefix = settings_of(app).key_prefix
-    with app.pool.acquire(block=True) as conn, conn.default_channel.conn_or_acquire() as client:
-        pipe = client.pipeline(transaction=False)
-        for wid in worker_ids:
-            pipe.hlen(record_key(prefix, wid))  # kombu adds its global_keyprefix to HLEN
-        return [int(n or 0) for n in pipe.execute()]
+    try:
+        with (
+            app.pool.acquire(block=True, timeout=BROKER_READ_TIMEOUT) as conn,
+            conn.default_channel.conn_or_acquire() as client,
+        ):
+            pipe = client.pipeline(transaction=False)
+            for wid in worker_ids:
+                pipe.hlen(record_key(prefix, wid))  # kombu adds its global_keyprefix to HLEN
+            return [int(n or 0) for n in pipe.execute()]
+    except (OSError, redis.RedisError, KombuError) as exc:
+        logger.warning(
+            "celery_reliable: could not read the fetch records on the broker (%r); in-flight"
+            " counts show only the ledgers' redelivered tasks",
+            exc,
+        )
+        return [0] * len(worker_ids)
 
 
 def reaper_stats(app: Any) -> dict[str, int]:
