@@ -3,13 +3,18 @@
 ``docker-compose config`` (Debian's docker-compose) validates the compose file; the files it
 mounts exist; every worker and the reaper have a healthcheck on the endpoints they serve;
 Prometheus scrapes both workers and the reaper; the dashboard's panels all have queries.
+The smoke run's override (``scripts/compose-smoke.sh``) is checked the same way, without an
+engine: host networking only, every address on 127.0.0.1, no published port, no Grafana.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,12 +24,19 @@ from tests.conftest import ROOT
 COMPOSE = ROOT / "docker-compose.yml"
 
 
-def compose_config() -> dict:
+SMOKE_OVERRIDE = ROOT / "deploy" / "smoke" / "docker-compose.smoke.yml"
+SMOKE_SCRIPT = ROOT / "scripts" / "compose-smoke.sh"
+
+
+def compose_config(*files: Path, env: dict[str, str] | None = None) -> dict:
     tool = shutil.which("docker-compose")
     if tool is None:
         pytest.fail("docker-compose not found: scripts/setup.sh installs Debian's package")
+    args = [tool]
+    for file in files or (COMPOSE,):
+        args += ["-f", str(file)]
     done = subprocess.run(
-        [tool, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [*args, "config"], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env
     )
     assert done.returncode == 0, done.stderr
     return yaml.safe_load(done.stdout)
@@ -70,3 +82,78 @@ def test_dashboard_panels_all_have_prometheus_queries():
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert "celery_reliable_" in target["expr"], (panel["title"], target["expr"])
+
+
+def smoke_services() -> list[str]:
+    """The services scripts/compose-smoke.sh starts (its SERVICES array)."""
+    match = re.search(r"^SERVICES=\(([^)]*)\)", SMOKE_SCRIPT.read_text(), re.MULTILINE)
+    assert match, "SERVICES=(...) not found in scripts/compose-smoke.sh"
+    return match.group(1).split()
+
+
+def test_smoke_override_runs_every_service_on_loopback_of_the_host_network(tmp_path):
+    ports = {
+        f"SMOKE_{name}_PORT": str(21000 + i)
+        for i, name in enumerate(
+            [
+                "AMQP",
+                "REDIS",
+                "DIST",
+                "MANAGEMENT",
+                "EPMD",
+                "WORKER1_METRICS",
+                "WORKER2_METRICS",
+                "REAPER_METRICS",
+                "PROMETHEUS",
+            ]
+        )
+    }
+    env = {"PATH": "/usr/bin:/bin", **ports, "SMOKE_PROMETHEUS_CONFIG": str(tmp_path / "p.yml")}
+    merged = compose_config(COMPOSE, SMOKE_OVERRIDE, env=env)
+    spec = importlib.util.spec_from_file_location("render", ROOT / "deploy/smoke/render.py")
+    assert spec is not None and spec.loader is not None
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    services = smoke_services()
+    # Everything but Grafana, which has no Debian package to build its image from.
+    assert set(merged["services"]) - set(services) == {"grafana"}
+    config = render.render(merged, services)
+    assert set(config["services"]) == set(services)
+    # No network is created: the default one is the host's, and every service uses it.
+    assert config["networks"] == {"default": {"external": True, "name": "host"}}
+    for name, service in config["services"].items():
+        assert service["network_mode"] == "host", name
+        assert "ports" not in service and "networks" not in service, name
+        if "build" in service:
+            assert service["build"]["network"] == "host", name
+    # Every address a service is given, or listens on, is 127.0.0.1 on the port chosen.
+    text = json.dumps(config)
+    hosts = set(re.findall(r"(?:amqp|redis|http)://(?:[^@/\"]*@)?([^:/\"]+)", text))
+    assert hosts == {"127.0.0.1"}, hosts
+    rabbit = config["services"]["rabbitmq"]["environment"]
+    for key in ("RABBITMQ_NODE_IP_ADDRESS", "RABBITMQ_DIST_IP", "RABBITMQ_MANAGEMENT_IP"):
+        assert rabbit[key] == "127.0.0.1", key
+    assert rabbit["ERL_EPMD_ADDRESS"] == "127.0.0.1"
+    # Its own ports, not the machine's RabbitMQ (5672, 15672, 25672) and epmd (4369).
+    assert [rabbit[key] for key in ("RABBITMQ_NODE_PORT", "RABBITMQ_DIST_PORT")] == [
+        ports["SMOKE_AMQP_PORT"],
+        ports["SMOKE_DIST_PORT"],
+    ]
+    assert rabbit["RABBITMQ_MANAGEMENT_PORT"] == ports["SMOKE_MANAGEMENT_PORT"]
+    assert rabbit["ERL_EPMD_PORT"] == ports["SMOKE_EPMD_PORT"]
+    redis_cmd = config["services"]["redis"]["command"]
+    assert redis_cmd[redis_cmd.index("--bind") + 1] == "127.0.0.1"
+    assert redis_cmd[redis_cmd.index("--port") + 1] == ports["SMOKE_REDIS_PORT"]
+    prometheus_cmd = config["services"]["prometheus"]["command"]
+    assert f"--web.listen-address=127.0.0.1:{ports['SMOKE_PROMETHEUS_PORT']}" in prometheus_cmd
+    metrics = {
+        name: config["services"][name]["environment"]["CELERY_RELIABLE_METRICS_PORT"]
+        for name in ("worker-1", "worker-2")
+    }
+    assert metrics == {
+        "worker-1": ports["SMOKE_WORKER1_METRICS_PORT"],
+        "worker-2": ports["SMOKE_WORKER2_METRICS_PORT"],
+    }
+    for name, port in [*metrics.items(), ("reaper", ports["SMOKE_REAPER_METRICS_PORT"])]:
+        probe = " ".join(config["services"][name]["healthcheck"]["test"])
+        assert f"127.0.0.1:{port}/readyz" in probe, name
