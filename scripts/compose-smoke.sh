@@ -72,7 +72,8 @@ cleanup() {
     kill "$ENGINE_PID" 2>/dev/null || true
     local deadline=$((SECONDS + 60))
     while kill -0 "$ENGINE_PID" 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.5; done
-    kill -0 "$ENGINE_PID" 2>/dev/null && echo "engine $ENGINE_PID still running" >&2
+    if kill -0 "$ENGINE_PID" 2>/dev/null; then echo "engine $ENGINE_PID still running" >&2
+    else umount "$ENGINE_EXEC/netns/default" 2>/dev/null || true; fi  # dockerd leaves it
   fi
   rm -rf "$RUN_DIR"
   if [ "$rc" = 0 ]; then step "smoke run passed"; else echo "smoke run FAILED (exit $rc)" >&2; fi
@@ -119,8 +120,8 @@ fi
 
 # 2. The image cache.
 if [ ! -s "$ROOTFS" ]; then
-  mirror="${SMOKE_MIRROR:-$(grep -hoE 'https?://[^ ]+/debian/?( |$)' \
-    /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null | head -n 1 | tr -d ' ')}"
+  mirror="${SMOKE_MIRROR:-$( { grep -shoE 'https?://[^ ]+/debian/?( |$)' \
+    /etc/apt/sources.list /etc/apt/sources.list.d/* || true; } | head -n 1 | tr -d ' ')}"
   mirror="${mirror:-http://deb.debian.org/debian}"
   step "debootstrap --variant=minbase bookworm from $mirror (cached in $ROOTFS)"
   mkdir -p "$CACHE"
@@ -203,6 +204,7 @@ docker-compose -f docker-compose.yml -f "$OVERRIDE" config \
   | python3 deploy/smoke/render.py "${SERVICES[@]}" >"$RENDERED"
 step "docker-compose -f smoke.yml up -d --build ${SERVICES[*]}"
 UP=1
+UP_AT="$(date +%s.%N)"
 compose up -d --build "${SERVICES[@]}" >"$RUN_DIR/up.log" 2>&1 \
   || { cat "$RUN_DIR/up.log" >&2; die "docker-compose up"; }
 grep -E '^(Creating|Building|Successfully tagged|WARNING)' "$RUN_DIR/up.log" | sed 's/^/    /' || true
@@ -210,9 +212,17 @@ echo "    the engine's networks: $(docker network ls --format '{{.Name}} ({{.Dri
   | paste -sd, - | sed 's/,/, /g')"
 
 healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$(compose ps -q "$1")")" = healthy ]; }
+since_up() {  # since_up RFC3339-TIME: seconds since `up` began
+  awk -v t="$(date -d "$1" +%s.%N)" -v up="$UP_AT" 'BEGIN { printf "%5.1fs", t - up }'
+}
 for service in redis rabbitmq worker-1 worker-2 reaper; do
   wait_until "$service to be healthy" healthy "$service"
-  echo "    $service: healthy at $((SECONDS - START))s"
+  id="$(compose ps -q "$service")"
+  first_ok="$(docker inspect -f \
+    '{{range .State.Health.Log}}{{if eq .ExitCode 0}}{{.End.Format "2006-01-02T15:04:05.999999999Z07:00"}}{{"\n"}}{{end}}{{end}}' "$id" \
+    | head -n 1)"
+  echo "    $(printf '%-9s' "$service") started $(since_up \
+    "$(docker inspect -f '{{.State.StartedAt}}' "$id")") after \`up\`, healthy $(since_up "$first_ok")"
 done
 
 # 4. Orders, the dead letter, the fix, the replay.
