@@ -200,8 +200,10 @@ step "ports on 127.0.0.1: redis $SMOKE_REDIS_PORT, amqp $SMOKE_AMQP_PORT, manage
   "reaper $SMOKE_REAPER_METRICS_PORT, prometheus $SMOKE_PROMETHEUS_PORT"
 echo "    left out: $LEFT_OUT"
 step "docker-compose -f docker-compose.yml -f $OVERRIDE config | render.py > smoke.yml"
+yaml_python=python3  # render.py needs PyYAML: Debian's docker-compose brings python3-yaml
+/usr/bin/python3 -c 'import yaml' 2>/dev/null && yaml_python=/usr/bin/python3
 docker-compose -f docker-compose.yml -f "$OVERRIDE" config \
-  | python3 deploy/smoke/render.py "${SERVICES[@]}" >"$RENDERED"
+  | "$yaml_python" deploy/smoke/render.py "${SERVICES[@]}" >"$RENDERED"
 step "docker-compose -f smoke.yml up -d --build ${SERVICES[*]}"
 UP=1
 UP_AT="$(date +%s.%N)"
