@@ -1,5 +1,6 @@
 -- admit.lua: may this task start now? Circuit breaker first, then the token bucket (GCRA).
--- One call per task start; nothing is written unless the answer is "run" or a reservation.
+-- One call per task start; nothing is written unless the answer is "run" or a reservation
+-- (or the message is a deferred task's: then which message started is recorded too).
 -- A bucket hash expires a minute after it is full again (an absent bucket is a full one).
 -- KEYS[1]: the task's live-copy key (token of its newest deferred copy), KEYS[2] its
 --   started-copy key (token of the newest message of the task admitted), then the bucket
