@@ -15,13 +15,19 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from typing import Any
 
+from celery import Celery
+
+import celery_reliable
 from celery_reliable import DeadLetter, DeadLetterStore
 from celery_reliable.cli.dlq import cut
+from celery_reliable.core.store import store_for
 from celery_reliable.ordering.lines import lines_view
+from celery_reliable.orphans.registry import RegistryKeys, live_workers
 from celery_reliable.status import collect
-from celery_reliable.testing import wait_for
+from celery_reliable.testing import free_port, wait_for
 from tests.apps import obs
 from tests.apps.common import events
 from tests.conftest import ROOT
@@ -217,3 +223,24 @@ def test_cut_keeps_short_text_and_cuts_long_text_at_a_word():
     long = "ValueError: bad input 7: this sentence is long enough to be cut in a listing"
     assert cut(long, 40) == "ValueError: bad input 7: this sentence…"
     assert cut("x" * 80, 10) == "x" * 9 + "…"
+
+
+def test_in_flight_falls_back_to_the_ledgers_when_the_broker_is_down(
+    reliable_redis_server: Any, caplog: Any
+) -> None:
+    """On the Redis broker the in-flight counts read the fetch records on the broker: when
+    it does not answer, status still lists the workers at once, with the ledgers' counts
+    and a warning, instead of failing or waiting out the app's connection retries."""
+    app = Celery("down", broker=f"redis://127.0.0.1:{free_port()}/0")
+    app.conf.reliable_redis_url = reliable_redis_server.url(3)
+    app.conf.reliable_key_prefix = f"down{uuid.uuid4().hex[:6]}"
+    celery_reliable.install(app)
+    keys = RegistryKeys(store_for(app))
+    client = store_for(app).client
+    client.zadd(keys.workers, {"w1": time.time()})
+    client.hset(keys.ledger("w1"), "task-1", "{}")
+    t0 = time.monotonic()
+    (worker,) = live_workers(app)
+    assert time.monotonic() - t0 < 2.0
+    assert worker["id"] == "w1" and worker["in_flight"] == 1
+    assert "could not read the fetch records on the broker" in caplog.text

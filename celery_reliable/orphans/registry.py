@@ -62,7 +62,8 @@ REAPED_MARKER_TTL = 24 * 3600
 #: Marks a reported held tag as handed to the pool: heartbeat.lua stores the report time
 #: with this sign before it, which ``float()`` still reads (reapers of earlier releases).
 STARTED_MARK = "+"
-#: Seconds ``status`` waits for a broker connection to read the fetch records.
+#: Seconds ``status`` waits for a broker connection to read the fetch records (one
+#: attempt: a broker that is down makes the in-flight counts fall back at once).
 BROKER_READ_TIMEOUT = 5.0
 #: Seconds a task's recovery count is kept after its last recovery.
 RECOVERY_COUNT_TTL = 7 * 24 * 3600
@@ -625,14 +626,14 @@ def _record_sizes(app: Any, worker_ids: list[str]) -> list[int]:
         return [0] * len(worker_ids)
     prefix = settings_of(app).key_prefix
     try:
-        with (
-            app.pool.acquire(block=True, timeout=BROKER_READ_TIMEOUT) as conn,
-            conn.default_channel.conn_or_acquire() as client,
-        ):
-            pipe = client.pipeline(transaction=False)
-            for wid in worker_ids:
-                pipe.hlen(record_key(prefix, wid))  # kombu adds its global_keyprefix to HLEN
-            return [int(n or 0) for n in pipe.execute()]
+        with app.pool.acquire(block=True, timeout=BROKER_READ_TIMEOUT) as conn:
+            # one attempt, not the app's connection retry policy: a status must not hang
+            conn.ensure_connection(max_retries=1, interval_start=0, timeout=BROKER_READ_TIMEOUT)
+            with conn.default_channel.conn_or_acquire() as client:
+                pipe = client.pipeline(transaction=False)
+                for wid in worker_ids:
+                    pipe.hlen(record_key(prefix, wid))  # kombu adds its global_keyprefix
+                return [int(n or 0) for n in pipe.execute()]
     except (OSError, redis.RedisError, KombuError) as exc:
         logger.warning(
             "celery_reliable: could not read the fetch records on the broker (%r); in-flight"
