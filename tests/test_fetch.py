@@ -29,8 +29,9 @@ from kombu import Connection, Consumer, Exchange, Producer, Queue
 from celery_reliable.core.compat import kombu_redis
 from celery_reliable.core.config import DEFAULT_REAPER_INTERVAL, DEFAULT_WORKER_TIMEOUT
 from celery_reliable.core.store import store_for
-from celery_reliable.orphans.fetch import ReliableFetch, record_key
-from celery_reliable.orphans.registry import RegistryKeys, live_workers, reaper_stats
+from celery_reliable.orphans.fetch import ReliableFetch
+from celery_reliable.orphans.reaper import last_pass
+from celery_reliable.orphans.registry import RegistryKeys, live_workers, reaper_stats, record_key
 from celery_reliable.testing import ReaperProcess, RedisServer, WorkerProcess, wait_for
 from tests.apps import fetch as fetch_app
 from tests.apps.common import events
@@ -79,6 +80,20 @@ def registry_age(app: Any) -> float:
     began = store.client.get(RegistryKeys(store).epoch)
     seconds, micros = store.client.time()
     return seconds + micros / 1e6 - float(began) if began else 0.0
+
+
+def reaper_passes_since(app: Any, since: float) -> Callable[[], int]:
+    """A counter of the reaper passes recorded after ``since`` (each poll sees the last
+    pass; poll faster than the reaper interval to see them all)."""
+    seen: set[float] = set()
+
+    def count() -> int:
+        at = last_pass(app).get("at")
+        if at is not None and at > since:
+            seen.add(at)
+        return len(seen)
+
+    return count
 
 
 def broker(ns: Namespace) -> redis.Redis:
@@ -226,7 +241,10 @@ def test_paused_worker_whose_connection_lives_is_not_judged_dead(
     paused = w1 if first["hostname"] == w1.nodename else w2
     paused.signal(signal.SIGSTOP)
     try:
-        time.sleep(3.0)  # the pause is the test: six reaper passes, half the timeout
+        passes = reaper_passes_since(app, time.time())
+        # six reaper passes judge the paused worker (its last heartbeat ages past half the
+        # timeout); the deadline stays inside the timeout, after which it would be dead
+        wait_for(lambda: passes() >= 6, 5, interval=0.05, message="six reaper passes")
         assert paused.nodename in [w["node"] for w in live_workers(app)]
     finally:
         paused.signal(signal.SIGCONT)

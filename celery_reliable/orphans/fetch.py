@@ -60,8 +60,6 @@ from .scripts import FETCH
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FetchStep", "ReliableFetch", "record_key"]
-
 #: Redis version the idle wait (BLMOVE) needs.
 MIN_REDIS_VERSION = (6, 2)
 #: Seconds the first idle wait lasts after a message was fetched; doubled while idle.
