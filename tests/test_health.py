@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -22,6 +24,24 @@ FAST = {
     "CELERY_RELIABLE_WORKER_TIMEOUT": "2",
     "CELERY_RELIABLE_REAPER_INTERVAL": "0.3",
 }
+
+
+def listening_on(port: int) -> set[str]:
+    """The addresses a socket of this host listens on at ``port`` (from /proc/net)."""
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                local, state = line.split()[1], line.split()[3]
+                host, hexport = local.split(":")
+                if state != "0A" or int(hexport, 16) != port:  # 0A: LISTEN
+                    continue
+                raw = bytes.fromhex(host)
+                # each 32-bit word is in the host's (little-endian) byte order
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(str(ipaddress.ip_address(words)))
+    return found
 
 
 def probe(port: int, path: str) -> tuple[int, str]:
@@ -46,12 +66,14 @@ def test_worker_readyz_follows_store_registration_and_drain_while_healthz_stays_
             env={
                 **FAST,
                 "CELERY_RELIABLE_METRICS_PORT": str(port),
+                "CELERY_RELIABLE_METRICS_ADDRESS": "127.0.0.1",
                 "CELERY_RELIABLE_DRAIN_TIMEOUT": "20",
                 "CR_REDIS_URL": store.url(1),
             },
         )
         wait_for(lambda: probe(port, "/readyz") == (200, "ok"), 20, message="ready")
         assert probe(port, "/healthz") == (200, "ok")
+        assert listening_on(port) == {"127.0.0.1"}  # reliable_metrics_address, not 0.0.0.0
 
         store.stop()  # heartbeats fail: not registered any more
         wait_for(
@@ -79,14 +101,19 @@ def test_worker_readyz_follows_store_registration_and_drain_while_healthz_stays_
         store.close()
 
 
-def test_reaper_serves_readyz_after_a_pass_and_healthz(ns, tmp_path):
-    port = free_port()
-    reaper = ReaperProcess(
+def start_reaper(ns, port: int, log_path) -> ReaperProcess:
+    """A reaper of the obs app serving its metrics on ``port``."""
+    return ReaperProcess(
         "tests.apps.obs:app",
         env=ns.env(**FAST, CELERY_RELIABLE_REAPER_METRICS_PORT=str(port)),
         cwd=str(ROOT),
-        log_path=tmp_path / "reaper.log",
+        log_path=log_path,
     )
+
+
+def test_reaper_serves_readyz_after_a_pass_and_healthz(ns, tmp_path):
+    port = free_port()
+    reaper = start_reaper(ns, port, tmp_path / "reaper.log")
     try:
         reaper.wait_started()
         wait_for(lambda: probe(port, "/readyz") == (200, "ok"), 20, message=reaper.log)
@@ -95,3 +122,29 @@ def test_reaper_serves_readyz_after_a_pass_and_healthz(ns, tmp_path):
         assert status == 200 and "celery_reliable_reaper_last_pass_timestamp_seconds" in text
     finally:
         reaper.close()
+
+
+def test_a_taken_metrics_port_stops_the_worker_and_the_reaper_naming_the_setting(
+    ns, start_worker, tmp_path
+):
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = {
+            **FAST,
+            "CELERY_RELIABLE_METRICS_PORT": str(port),
+            "CELERY_RELIABLE_METRICS_ADDRESS": "127.0.0.1",
+        }
+        worker = start_worker("obs", wait=False, env=settings)
+        assert worker.wait_exit(60) != 0
+        assert "reliable_metrics_port: cannot listen on 127.0.0.1 port" in worker.log()
+
+        reaper = start_reaper(ns, port, tmp_path / "reaper.log")
+        try:
+            assert reaper.proc.wait(60) == 1
+            assert f"cannot listen on 0.0.0.0 port {port}" in reaper.log()
+            assert "Traceback" not in reaper.log()
+        finally:
+            reaper.close()

@@ -48,6 +48,20 @@ def test_values_are_converted_to_their_types():
     assert s.fail_open is False and s.embedded_reaper is True
 
 
+def test_metrics_address_takes_addresses_and_host_names():
+    assert settings().metrics_address == "0.0.0.0"
+    for given, kept in [
+        ("127.0.0.1", "127.0.0.1"),
+        (" :: ", "::"),
+        ("0:0:0:0:0:0:0:1", "::1"),
+        ("localhost", "localhost"),
+        ("metrics-1.internal.example", "metrics-1.internal.example"),
+    ]:
+        assert settings(reliable_metrics_address=given).metrics_address == kept
+    env = {"CELERY_RELIABLE_METRICS_ADDRESS": "127.0.0.1"}
+    assert settings(env).metrics_address == "127.0.0.1"
+
+
 def test_environment_overrides_app_conf():
     env = {"CELERY_RELIABLE_DEAD_LETTER_MAX": "12", "CELERY_RELIABLE_KEY_PREFIX": "ops"}
     s = settings(env, reliable_dead_letter_max=5, reliable_key_prefix="app")
@@ -67,6 +81,10 @@ def test_environment_overrides_app_conf():
         ({"reliable_max_recoveries": True}, "reliable_max_recoveries", "expected a number"),
         ({"reliable_metrics_port": 70000}, "reliable_metrics_port", "TCP port"),
         ({"reliable_fail_open": "maybe"}, "reliable_fail_open", "true or false"),
+        ({"reliable_metrics_address": ""}, "reliable_metrics_address", "IP address"),
+        ({"reliable_metrics_address": "a b"}, "reliable_metrics_address", "host name"),
+        ({"reliable_metrics_address": "a..b"}, "reliable_metrics_address", "host name"),
+        ({"reliable_metrics_address": 9808}, "reliable_metrics_address", "IP address"),
         ({"reliable_redis_url": "http://x"}, "reliable_redis_url", "redis://"),
         ({"reliable_key_prefix": "a{b}"}, "reliable_key_prefix", "braces"),
         (

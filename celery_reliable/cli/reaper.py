@@ -98,9 +98,20 @@ def reliable_reaper(
         exporter = None
         on_pass = None
         if port is not None:
-            exporter = ReaperExporter(port, every)
+            address = reaper.settings.metrics_address
+            try:
+                exporter = ReaperExporter(port, every, address)
+            except OSError as exc:
+                raise click.ClickException(
+                    f"cannot listen on {address} port {port} (reliable_reaper_metrics_port, "
+                    f"reliable_metrics_address): {exc.strerror or exc}"
+                ) from None
             on_pass = _exporting(app, exporter)
-            log.info("reaper: serving cluster metrics, /healthz and /readyz on port %s", port)
+            log.info(
+                "reaper: serving cluster metrics, /healthz and /readyz on %s port %s",
+                address,
+                port,
+            )
         log.info(
             "reaper: started (every %.2fs; workers dead after %.2fs without heartbeat)",
             every,

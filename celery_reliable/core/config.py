@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -55,6 +56,9 @@ DEFAULT_FAIL_OPEN = True
 #: On the Redis broker, workers pop each message and record it as theirs in one step
 #: (reliable fetch), so a kill -9 can never lose a message being received.
 DEFAULT_FETCH = True
+#: Address the metrics and health server of a worker (and of the reaper) listens on:
+#: every interface, so Prometheus and the orchestrator's probes can reach it.
+DEFAULT_METRICS_ADDRESS = "0.0.0.0"
 
 #: Largest duration any setting accepts, in seconds (ten years): larger values (``1e308``,
 #: ``inf``) overflow the timestamps and Redis expiries computed from them.
@@ -66,6 +70,8 @@ ENV_PREFIX = "CELERY_RELIABLE_"
 CONF_PREFIX = "reliable_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+#: One label of a host name (RFC 1123).
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ class Settings:
       max_payload_bytes: largest serialized publish accepted.
       metrics_port: when set, workers serve Prometheus metrics on this port.
       reaper_metrics_port: when set, the reaper serves its cluster-wide metrics here.
+      metrics_address: the address both metrics servers listen on (an IPv4 or IPv6
+        address, or a host name).
       ordering_gap_timeout: seconds before a never-published sequence number is skipped.
       embedded_reaper: run the reaper inside workers too (leader-elected).
       fail_open: rate limits and breakers let tasks run while Redis is unreachable.
@@ -105,6 +113,7 @@ class Settings:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     metrics_port: int | None = None
     reaper_metrics_port: int | None = None
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
     ordering_gap_timeout: float = DEFAULT_ORDERING_GAP_TIMEOUT
     embedded_reaper: bool = False
     fail_open: bool = DEFAULT_FAIL_OPEN
@@ -427,6 +436,20 @@ def _port(source: str, raw: Any) -> int:
     return value
 
 
+def _address(source: str, raw: Any) -> str:
+    text = raw.strip() if isinstance(raw, str) else ""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    labels = text.rstrip(".").split(".")
+    if text and len(text) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return text
+    raise ConfigurationError(
+        source, f"expected an IP address (0.0.0.0, 127.0.0.1, ::) or a host name, got {raw!r}"
+    )
+
+
 def _bool(source: str, raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -470,6 +493,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "max_payload_bytes": _positive_int,
     "metrics_port": _port,
     "reaper_metrics_port": _port,
+    "metrics_address": _address,
     "ordering_gap_timeout": _positive_float,
     "embedded_reaper": _bool,
     "fail_open": _bool,

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.config import DEFAULT_METRICS_ADDRESS
 from .http import MetricsServer, serve
 
 #: Histogram buckets (seconds) of ``reaper_pass_seconds``.
@@ -154,9 +155,13 @@ class ReaperExporter:
     Parameters:
       port: TCP port (0: any free port; see :attr:`port`).
       interval: seconds between the reaper's passes (for the health thresholds).
+      address: the address to listen on.
+
+    Raises:
+        OSError: ``address:port`` cannot be listened on.
     """
 
-    def __init__(self, port: int, interval: float) -> None:
+    def __init__(self, port: int, interval: float, address: str = DEFAULT_METRICS_ADDRESS) -> None:
         from prometheus_client import CollectorRegistry
 
         self.interval = interval
@@ -170,7 +175,9 @@ class ReaperExporter:
         self.last_ok: float | None = None
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self))  # type: ignore[arg-type]
-        self.server: MetricsServer | None = serve(port, registry, self.healthz, self.readyz)
+        self.server: MetricsServer | None = serve(
+            port, registry, self.healthz, self.readyz, host=address
+        )
 
     @property
     def port(self) -> int:

@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 from celery import bootsteps
+from celery.platforms import EX_FAILURE
 
 from ..core import instruments
 from ..core.extensions import ORDER_METRICS, Outcome
@@ -109,6 +110,7 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(worker, **kwargs)
         settings = settings_of(worker.app)
         self.port = settings.metrics_port
+        self.address = settings.metrics_address
         self.worker_timeout = settings.worker_timeout
         self.owned_dir: str | None = None
         self.server: MetricsServer | None = None
@@ -143,8 +145,21 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.last_tick = time.monotonic()
         if worker.timer is not None:
             self.timer_entry = worker.timer.call_repeatedly(LOOP_TICK_INTERVAL, self.tick)
-        self.server = serve(self.port, registry, self.healthz, self.readyz)
-        logger.info("celery_reliable: serving /metrics, /healthz and /readyz on port %s", self.port)
+        try:
+            self.server = serve(self.port, registry, self.healthz, self.readyz, host=self.address)
+        except OSError as exc:  # the port is taken, or the address is not this host's
+            logger.critical(
+                "celery_reliable: reliable_metrics_port: cannot listen on %s port %s: %s",
+                self.address,
+                self.port,
+                exc.strerror or exc,
+            )
+            raise SystemExit(EX_FAILURE) from None
+        logger.info(
+            "celery_reliable: serving /metrics, /healthz and /readyz on %s port %s",
+            self.address,
+            self.port,
+        )
 
     def tick(self) -> None:
         """Run by the event loop's timer: the loop turns."""

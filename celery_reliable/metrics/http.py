@@ -11,12 +11,16 @@ Examples:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from ..core.config import DEFAULT_METRICS_ADDRESS
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +31,10 @@ Probe = Callable[[], tuple[bool, str]]
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -52,9 +60,13 @@ class MetricsServer:
 
 
 def serve(
-    port: int, registry: Any, healthz: Probe, readyz: Probe, host: str = "0.0.0.0"
+    port: int, registry: Any, healthz: Probe, readyz: Probe, host: str = DEFAULT_METRICS_ADDRESS
 ) -> MetricsServer:
-    """Serve ``registry`` on ``/metrics`` and the two probes, in a daemon thread."""
+    """Serve ``registry`` on ``/metrics`` and the two probes, in a daemon thread.
+
+    Raises:
+        OSError: ``host:port`` cannot be listened on (in use, not an address of this host).
+    """
     from prometheus_client import make_wsgi_app
 
     metrics_app = make_wsgi_app(registry)
@@ -77,9 +89,17 @@ def serve(
         )
         return [body]
 
-    server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
+    server_class = _Server6 if _is_ipv6(host) else _Server
+    server = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
     thread = threading.Thread(
         target=server.serve_forever, name="reliable-metrics-http", daemon=True
     )
     thread.start()
     return MetricsServer(server, thread)
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
