@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from kombu import Connection
 
 from celery_reliable import DeadLetterStore
@@ -123,6 +124,64 @@ def test_bad_messages_are_dead_lettered_and_the_worker_keeps_serving(ns, start_w
     assert refused.returncode == 1
     assert "'basic.not_registered' is not registered" in refused.stderr
     assert store.get(unknown.id).reason == "unknown_task"
+
+
+def raw_entries(ns: Any) -> list[bytes]:
+    """Entries pushed straight on a Redis queue list that kombu cannot build a message
+    from. The last is a JSON envelope with a delivery tag (the fetch script records it)
+    whose base64 body does not decode."""
+    envelope = {
+        "body": "!! not base64",
+        "content-type": "application/json",
+        "content-encoding": "utf-8",
+        "headers": {},
+        "properties": {
+            "delivery_tag": f"bad-body-{uuid.uuid4()}",
+            "body_encoding": "base64",
+            "delivery_info": {"exchange": "", "routing_key": ns.queue},
+            "priority": 0,
+        },
+    }
+    return [b"not json", b"\xff\xfe", b"[1, 2]", b'{"body": 1}', json.dumps(envelope).encode()]
+
+
+def leftovers(broker: redis.Redis, ns: Any, tags: set[str]) -> set[str]:
+    """Which of ``tags`` are still in kombu's unacked hash, its index or a fetch record."""
+    found = {t for t in tags if broker.hexists(f"{ns.broker_keyprefix}unacked", t)}
+    found |= {t for t in tags if broker.zscore(f"{ns.broker_keyprefix}unacked_index", t)}
+    for key in broker.keys(f"{ns.broker_keyprefix}{ns.prefix}:fetch:*"):
+        found |= {t for t in tags if broker.hexists(key, t)}
+    return found
+
+
+@pytest.mark.parametrize("fetch", ["true", "false"], ids=["reliable-fetch", "kombu-brpop"])
+def test_queue_entries_kombu_cannot_read_are_dead_lettered_not_fatal(ns, start_worker, fetch):
+    """Before: an entry on the queue list that is not a kombu message (not JSON, not an
+    envelope, a body that does not decode) killed the worker with "Unrecoverable error",
+    under reliable fetch as under kombu's BRPOP (``reliable_fetch = False``)."""
+    app = ns.app(basic.build)
+    worker = start_worker("basic", concurrency=1, env={"CELERY_RELIABLE_FETCH": fetch})
+    broker = redis.Redis.from_url(ns.broker_url)
+    entries = raw_entries(ns)
+    tag = json.loads(entries[-1])["properties"]["delivery_tag"]
+    for item in entries:
+        broker.lpush(ns.broker_keyprefix + ns.queue, item)
+    ok = app.tasks["basic.ok"].delay(3)
+    store = DeadLetterStore(app)
+    wait_for(
+        lambda: store.count() == len(entries) and ok.id in [e["id"] for e in events(app)],
+        30,
+        message=lambda: f"{store.count()} dead letters:\n{worker.log()[-4000:]}",
+    )
+    dead = store.list(limit=None)
+    assert sorted(e.body or "" for e in dead) == sorted(
+        item.decode("utf-8", "replace") for item in entries
+    )
+    assert {e.reason for e in dead} == {"malformed"} and all(e.id.startswith("msg-") for e in dead)
+    assert all(e.queue == ns.queue and e.hostname == worker.nodename for e in dead)
+    assert leftovers(broker, ns, {tag}) == set()  # forgotten as an ack would
+    assert broker.llen(ns.broker_keyprefix + ns.queue) == 0
+    assert worker.alive and "Unrecoverable error" not in worker.log()
 
 
 def test_json_body_that_is_not_a_task_body_is_dead_lettered(ns, start_worker):

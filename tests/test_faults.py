@@ -8,6 +8,7 @@ coordination store is a second server, so the broker's queue survives its faults
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 import threading
 import time
@@ -18,11 +19,12 @@ import pytest
 import redis
 
 from celery_reliable import DeadLetterStore
-from celery_reliable.deadletters.store import WRITE_PATIENCE
+from celery_reliable.deadletters.store import WRITE_ERROR_LOG_INTERVAL, WRITE_PATIENCE
 from celery_reliable.orphans.reaper import Reaper
 from celery_reliable.testing import RedisServer, free_port, wait_for
 from tests.apps import faults
 from tests.conftest import Namespace
+from tests.test_badinput import leftovers, raw_entries
 
 #: Worker liveness settings of the reaper test: a heartbeat slow enough that the reaper's
 #: pass right after the restart comes before the worker's next beat.
@@ -73,6 +75,55 @@ def test_failing_dead_letter_write_backs_off_instead_of_looping(ns, store, start
     dlq = DeadLetterStore(app)
     wait_for(lambda: dlq.count() == 1, 30, message=lambda: worker.log()[-3000:])
     assert dlq.get(doomed.id).reason == "dead_letter_for"
+    assert worker.alive
+
+
+def test_unreadable_queue_entries_wait_for_a_failing_store_and_are_never_lost(
+    ns, store, start_worker
+):
+    """While the store refuses writes, an entry kombu cannot read is not lost and not
+    looped hot: one that was never recorded goes back on its queue, a recorded one stays
+    in the fetch record until the worker's record check gives it back; both are
+    dead-lettered once the store has room again, and leave nothing behind."""
+    ns, app = on_store(ns, store)
+    worker = start_worker(
+        "faults",
+        concurrency=1,
+        env={
+            "CR_REDIS_URL": store.url(0),
+            "CELERY_RELIABLE_HEARTBEAT_INTERVAL": "0.5",
+            "CELERY_RELIABLE_WORKER_TIMEOUT": "2",
+        },
+    )
+    admin = redis.Redis.from_url(store.url(0))
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", 1)
+    broker = redis.Redis.from_url(ns.broker_url)
+    queue_key = ns.broker_keyprefix + ns.queue
+    plain, recorded = raw_entries(ns)[0], raw_entries(ns)[-1]
+    tag = json.loads(recorded)["properties"]["delivery_tag"]
+    broker.lpush(queue_key, plain, recorded)
+    log = "could not dead-letter an undeliverable entry"
+    started = time.monotonic()
+    wait_for(lambda: worker.log().count(log) >= 1, 30, message=lambda: worker.log()[-3000:])
+    time.sleep(2 * WRITE_PATIENCE)  # a window of failing writes the entries must survive
+    assert worker.alive and "Unrecoverable error" not in worker.log()
+
+    def kept(item: bytes) -> bool:  # between its pops, an entry is back on its queue
+        return item in broker.lrange(queue_key, 0, -1)
+
+    wait_for(lambda: kept(plain), 10, message="the unrecorded entry pushed back")
+    wait_for(lambda: kept(recorded) or tag in leftovers(broker, ns, {tag}), 10)
+    most = 1 + (time.monotonic() - started) / WRITE_ERROR_LOG_INTERVAL  # once per interval
+    assert worker.log().count(log) <= most, worker.log()[-3000:]
+
+    admin.config_set("maxmemory", 0)
+    dlq = DeadLetterStore(app)
+    wait_for(lambda: dlq.count() == 2, 30, message=lambda: worker.log()[-3000:])
+    bodies = sorted((e.body or "" for e in dlq.list(limit=None)), key=len)
+    # the recorded one came back through kombu's restore, which marks it redelivered
+    assert bodies[0] == plain.decode() and tag in bodies[1]
+    assert broker.llen(queue_key) == 0 and leftovers(broker, ns, {tag}) == set()
     assert worker.alive
 
 

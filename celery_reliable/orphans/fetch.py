@@ -55,8 +55,10 @@ from redis.exceptions import NoScriptError
 
 from ..core.compat import kombu_redis as kr
 from ..core.state import settings_of
+from ..deadletters.store import WRITE_PATIENCE
 from .registry import current_worker_id, held_delivery_tags, record_key, set_fetching
 from .scripts import FETCH
+from .undeliverable import GuardedBrpop, Undeliverable
 
 logger = logging.getLogger(__name__)
 
@@ -80,19 +82,28 @@ class ReliableFetch:
     Parameters:
       channel: the worker's task channel (``kombu.transport.redis.Channel``).
       record: the worker's fetch record key (:func:`record_key`).
+      undeliverable: what to do with an entry kombu cannot build a message from (not
+        JSON, not an envelope, a body that does not decode); None: raise, as kombu does.
 
     Examples:
         >>> ReliableFetch(consumer.channel, record_key("reliable", worker_id)).install()
     """
 
-    def __init__(self, channel: Any, record: str) -> None:
+    def __init__(
+        self, channel: Any, record: str, undeliverable: Undeliverable | None = None
+    ) -> None:
         self.channel = channel
         self.record = record
+        self.undeliverable = undeliverable
         self.prefix = kr.key_prefix(channel)
         self.source = FETCH.source()
         self.sha = ""
         self.command = "EVALSHA"
         self.queues: list[str] = []
+        #: The queue keys of the last pop, in its order (without the global prefix).
+        self.keys: list[str] = []
+        #: Whether the message being delivered reached the QoS (so, the consumer).
+        self.handed = False
         self.idle_wait = IDLE_WAIT_MIN
         self.retry_at = 0.0
         self.backoff = ERROR_BACKOFF_MIN
@@ -124,6 +135,7 @@ class ReliableFetch:
             return
         unacked, index = kr.unacked_keys(self.channel)
         self.queues = [queue for _, queue in pairs]
+        self.keys = [key for key, _ in pairs]
         kr.send(
             self.channel,
             "EVALSHA",
@@ -157,11 +169,20 @@ class ReliableFetch:
             position, item, recorded = reply
             queue = self.queues[int(position) - 1]
             kr.rotate(self.channel, queue)
-            payload = json.loads(bytes_to_str(item))
-            if int(recorded):
-                self.recorded = str(payload["properties"]["delivery_tag"])
+            tag: str | None = None
+            self.handed = False
             try:
+                payload = json.loads(bytes_to_str(item))
+                if int(recorded):
+                    tag = self.recorded = str(payload["properties"]["delivery_tag"])
                 kr.deliver(self.channel, payload, queue)
+            except Exception as exc:
+                if self.handed or self.undeliverable is None:
+                    raise  # the consumer had the message: its own error, as before
+                key = self.keys[int(position) - 1]
+                if not self.undeliverable(self.channel, item, key, queue, tag, exc):
+                    # the store failed: the entry is back; pause as a failing write does
+                    self.retry_at = time.monotonic() + WRITE_PATIENCE
             finally:
                 self.recorded = None
             return True
@@ -190,8 +211,12 @@ class ReliableFetch:
 
     def _append(self, original: Any, message: Any, delivery_tag: Any) -> Any:
         if self.recorded is not None and str(delivery_tag) == self.recorded:
-            return kr.append_locally(self.channel.qos, message, delivery_tag)
-        return original(message, delivery_tag)
+            kr.append_locally(self.channel.qos, message, delivery_tag)
+            result = None
+        else:
+            result = original(message, delivery_tag)
+        self.handed = True
+        return result
 
     def _remove(self, original: Any, delivery_tag: Any, pipe: Any) -> Any:
         return original(delivery_tag, pipe).hdel(self.record, delivery_tag)
@@ -258,6 +283,20 @@ class FetchStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, c: Any) -> None:
         on = self._start(c)
         set_fetching(on)  # the pool processes skip the ledger while this is on
+        if not on:
+            self._guard_brpop(c)
+
+    def _guard_brpop(self, c: Any) -> None:
+        """kombu's BRPOP stays, with unreadable entries dead-lettered (Redis broker)."""
+        consumer = getattr(c, "task_consumer", None)
+        channel = getattr(consumer, "channel", None)
+        if channel is None or not kr.is_redis_channel(channel):
+            return
+        if getattr(channel, "_reliable_fetch", None) or getattr(channel, "_reliable_brpop", None):
+            return
+        guard = GuardedBrpop(channel, Undeliverable(c.app, getattr(c, "hostname", None)))
+        guard.install()
+        channel._reliable_brpop = guard
 
     def _start(self, c: Any) -> bool:
         settings = settings_of(c.app)
@@ -285,7 +324,11 @@ class FetchStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 ".".join(map(str, version)),
             )
             return False
-        fetch = ReliableFetch(channel, record_key(settings.key_prefix, worker_id))
+        fetch = ReliableFetch(
+            channel,
+            record_key(settings.key_prefix, worker_id),
+            Undeliverable(c.app, getattr(c, "hostname", None)),
+        )
         fetch.install()
         channel._reliable_fetch = fetch
         logger.info("celery_reliable: reliable fetch on (record %s)", fetch.record)

@@ -119,6 +119,18 @@ def deliver(channel: Any, payload: dict[str, Any], queue: str) -> None:
     channel.connection._deliver(payload, queue)
 
 
+def forget(channel: Any, tag: str) -> None:
+    """Remove delivered message ``tag`` from ``unacked`` and its index (and whatever the
+    QoS wrappers add) in one MULTI, as kombu's ack does, without acknowledging it."""
+    channel.qos._remove_from_indices(tag).execute()
+
+
+def kombu_pop(channel: Any) -> Callable[..., Any]:
+    """kombu's own BRPOP sender of ``channel`` (``_brpop_start``), even after
+    :func:`install_poll` replaced it on the instance."""
+    return type(channel)._brpop_start.__get__(channel)  # type: ignore[no-any-return]
+
+
 def install_poll(channel: Any, start: Callable[..., Any], read: Callable[..., Any]) -> None:
     """Make the channel send its polls with ``start`` and read their replies with ``read``
     (the poller calls ``handlers['BRPOP']``; ``Channel.close`` calls ``_brpop_read`` for a
