@@ -4,6 +4,7 @@ serving. Messages are published raw with kombu, as a buggy or foreign producer w
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import json
@@ -181,6 +182,72 @@ def test_queue_entries_kombu_cannot_read_are_dead_lettered_not_fatal(ns, start_w
     assert all(e.queue == ns.queue and e.hostname == worker.nodename for e in dead)
     assert leftovers(broker, ns, {tag}) == set()  # forgotten as an ack would
     assert broker.llen(ns.broker_keyprefix + ns.queue) == 0
+    assert worker.alive and "Unrecoverable error" not in worker.log()
+
+
+def envelope(ns: Any, **change: Any) -> bytes:
+    """A kombu Redis envelope of a good ``basic.ok`` task, with ``change`` applied: a key
+    ``p_<name>`` sets that property, any other key sets that envelope field."""
+    task_id = str(uuid.uuid4())
+    body = base64.b64encode(json.dumps([[1], {}, {}]).encode()).decode()
+    raw: dict[str, Any] = {
+        "body": body,
+        "content-type": "application/json",
+        "content-encoding": "utf-8",
+        "headers": v2_headers("basic.ok", task_id),
+        "properties": {
+            "delivery_tag": str(uuid.uuid4()),
+            "body_encoding": "base64",
+            "delivery_info": {"exchange": "", "routing_key": ns.queue},
+            "priority": 0,
+            "correlation_id": task_id,
+        },
+    }
+    for name, value in change.items():
+        if name.startswith("p_"):
+            raw["properties"][name[2:]] = value
+        else:
+            raw[name] = value
+    return json.dumps(raw).encode()
+
+
+def test_envelopes_with_odd_fields_each_run_or_are_dead_lettered_once(ns, start_worker):
+    """Envelope fields of the wrong type or value, pushed straight on the queue list: each
+    message runs or is dead-lettered, exactly once, and the worker keeps serving."""
+    app = ns.app(basic.build)
+    worker = start_worker("basic", concurrency=1)
+    broker = redis.Redis.from_url(ns.broker_url)
+    odd: list[dict[str, Any]] = [
+        {"p_delivery_info": 5},
+        {"p_delivery_info": None},
+        {"p_delivery_info": {"exchange": 5, "routing_key": None}},
+        {"headers": 5},
+        {"headers": None},
+        {"content-encoding": "bogus"},
+        {"content-type": "application/x-python-serialize"},
+        {"content-type": None},
+        {"p_body_encoding": "zlib"},
+        {"p_body_encoding": 5},
+        {"body": 5},
+        {"body": None},
+        {"p_priority": "high"},
+        {"p_priority": None},
+        {"p_delivery_tag": 5},
+        {"properties": None},
+    ]
+    for change in odd:
+        broker.lpush(ns.broker_keyprefix + ns.queue, envelope(ns, **change))
+    store = DeadLetterStore(app)
+
+    def ended() -> int:
+        return store.count() + len(events(app, "succeeded"))
+
+    wait_for(lambda: ended() == len(odd), 30, message=lambda: worker.log()[-4000:])
+    ok = app.tasks["basic.ok"].delay(2)
+    wait_for(lambda: ok.id in [e["id"] for e in events(app, "succeeded")], 30)
+    assert ended() == len(odd) + 1  # nothing ran or was dead-lettered twice
+    assert broker.llen(ns.broker_keyprefix + ns.queue) == 0
+    wait_for(lambda: broker.hlen(f"{ns.broker_keyprefix}unacked") == 0, 10)  # all acked
     assert worker.alive and "Unrecoverable error" not in worker.log()
 
 
