@@ -454,6 +454,56 @@ def test_concurrent_reaper_passes_recover_each_message_once(ns):
     assert Reaper(app).run_pass().recoveries == []
 
 
+def test_unacked_entries_kombu_cannot_read_are_dead_lettered_not_a_stuck_reaper(ns):
+    """Before: one entry of kombu's unacked hash that is no readable message (written by
+    hand, or a hostile envelope left by a worker killed before it dead-lettered it) made
+    every reaper pass fail at it, so the messages behind it were never swept. Now each is
+    dead-lettered as malformed and removed, and the pass goes on."""
+    from celery_reliable.orphans.reaper import Reaper
+
+    app = ns.app(orphans.build, reliable_heartbeat_interval=0.5, reliable_worker_timeout=1)
+    _, tags = _fabricate_dead_workers(app, ns, workers=1, per_worker=1)
+    b = broker(ns)
+    unacked, index = f"{ns.broker_keyprefix}unacked", f"{ns.broker_keyprefix}unacked_index"
+    # the dead worker's ledger entry now points at an entry kombu cannot read
+    ledgered = json.dumps([{"body": "x", "properties": None}, "", ns.queue])
+    b.hset(unacked, tags[0], ledgered)
+    # a good message delivered to a worker that died before it reported it (swept)
+    app.tasks["orphans.first_slow"].delay("swept", 0)
+    conn = app.connection_for_write()
+    channel = conn.channel()
+    good = channel.basic_get(ns.queue)
+    channel.qos._delivered.clear()
+    conn.release()
+    # unreadable entries older than it, so that the sweep meets them first
+    unreadable = {"bad-1": "not json", "bad-2": "[1]", "bad-3": json.dumps([5, "", "q"])}
+    for i, (tag, raw) in enumerate(unreadable.items()):
+        b.hset(unacked, tag, raw)
+        b.zadd(index, {tag: i + 1})
+
+    reaper = Reaper(app)
+    done: list[Any] = []
+
+    def swept() -> bool:
+        done.extend(reaper.run_pass().recoveries)  # raises if a pass fails
+        return any(r.tag == good.delivery_tag for r in done)
+
+    try:
+        wait_for(swept, 20, interval=0.2, message=lambda: f"the good message swept: {done}")
+    finally:
+        reaper.close()
+    actions = {r.tag: r.action for r in done}
+    assert actions[good.delivery_tag] == "restored_unclaimed"
+    assert {t: actions[t] for t in (*unreadable, tags[0])} == dict.fromkeys(
+        (*unreadable, tags[0]), "dead_lettered"
+    )
+    dead = DeadLetterStore(app).list(limit=None)
+    assert sorted(e.body or "" for e in dead) == sorted([*unreadable.values(), ledgered])
+    assert {e.reason for e in dead} == {"malformed"}
+    assert b.hlen(unacked) == 0 and b.zcard(index) == 0
+    assert b.llen(f"{ns.broker_keyprefix}{ns.queue}") == 1  # the good one, back on its queue
+
+
 def test_reaper_once_prints_what_it_did(ns, tmp_path):
     """`celery -A APP reliable-reaper --once` runs one pass and prints it as JSON."""
     app = ns.app(orphans.build)

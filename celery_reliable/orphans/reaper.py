@@ -65,6 +65,7 @@ from .registry import (
     record_key,
 )
 from .scripts import REAPER_CLAIM, REAPER_EPOCH, REAPER_RECLAIM
+from .undeliverable import entry_id
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ CLAIM_LEASE = 60.0
 RECORD_READS = 2
 #: Most unacknowledged messages one pass examines for the unclaimed-message sweep.
 SWEEP_BATCH = 1000
+#: What reading an ``unacked`` entry that is not a kombu message raises: not JSON, not
+#: ``[payload, exchange, routing key]``, or a payload kombu cannot build a message from.
+UNREADABLE_ERRORS = (ValueError, TypeError, KeyError, AttributeError)
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,11 @@ class Recovery:
     """What the reaper did with one message of a dead worker.
 
     ``action`` is one of ``restored`` (back on its queue), ``dead_lettered`` (recovered
-    too often), ``broker_redelivers`` (AMQP: the broker already did it), ``restored_prefetched``
-    (prefetched, never started), ``gone`` (no longer unacknowledged: acked or already
-    restored), ``moved`` (another worker received it since) or ``error`` (an unreadable
-    ledger entry, logged).
+    too often, or an ``unacked`` entry that is no readable message: dead-lettered as
+    ``malformed`` instead of failing every pass), ``broker_redelivers`` (AMQP: the
+    broker already did it), ``restored_prefetched`` (prefetched, never started),
+    ``gone`` (no longer unacknowledged: acked or already restored), ``moved`` (another
+    worker received it since) or ``error`` (an unreadable ledger entry, logged).
     """
 
     worker_id: str
@@ -143,7 +148,8 @@ class RedisBrokerRestorer:
 
     def restore(self, tag: str, not_after: float | None) -> str:
         """Put the message back on its queue (``restored``), unless it is ``gone`` from
-        ``unacked`` or was received again after ``not_after`` (``moved``)."""
+        ``unacked``, was received again after ``not_after`` (``moved``), or is no readable
+        message (``unreadable``: left as it is, for :meth:`Reaper.dead_letter_unreadable`)."""
         channel = self.channel
         qos = channel.qos
         outcome = ["gone"]
@@ -158,8 +164,13 @@ class RedisBrokerRestorer:
             if not_after is not None and score is not None and float(score) > not_after:
                 outcome[0] = "moved"
                 return
+            try:
+                payload, exchange, routing_key = json.loads(bytes_to_str(raw))
+                channel.Message(payload, channel=channel)  # kombu could deliver it again
+            except UNREADABLE_ERRORS:
+                outcome[0] = "unreadable"
+                return
             compat.remove_from_unacked_indices(qos, tag, pipe)
-            payload, exchange, routing_key = json.loads(bytes_to_str(raw))
             compat.restore_unacked_message(channel, payload, exchange, routing_key, pipe)
             outcome[0] = "restored"
 
@@ -201,8 +212,19 @@ class RedisBrokerRestorer:
             with self.channel.conn_or_acquire() as client:
                 client.hdel(key, *tags)
 
+    def raw(self, tag: str) -> str | None:
+        """The raw ``unacked`` entry of ``tag`` (None when gone)."""
+        with self.channel.conn_or_acquire() as client:
+            raw = client.hget(self.channel.qos.unacked_key, tag)
+        return None if raw is None else bytes_to_str(raw)
+
     def read(self, tag: str, not_after: float | None) -> tuple[str, Any] | None:
-        """The raw ``unacked`` entry and its decoded message, or None when gone/moved."""
+        """The raw ``unacked`` entry and its decoded message, or None when gone/moved.
+
+        Raises:
+            ValueError, TypeError, KeyError, AttributeError: the entry is no readable
+                message (:data:`UNREADABLE_ERRORS`).
+        """
         channel = self.channel
         qos = channel.qos
         with channel.conn_or_acquire() as client:
@@ -494,14 +516,22 @@ class Reaper:
             tag = bytes_to_str(raw_tag)
             if tag in claimed:
                 continue
-            found = self.restorer.read(tag, float(score))
-            if found is None:
+            try:
+                found = self.restorer.read(tag, float(score))
+                if found is None:
+                    continue
+                message = found[1][0]
+                headers = message.headers if isinstance(message.headers, dict) else {}
+                name = headers.get("task")
+            except UNREADABLE_ERRORS as exc:  # no worker can hold it: kombu cannot read it
+                done.append(self.dead_letter_unreadable("", None, tag, exc))
                 continue
-            message = found[1][0]
-            name = (message.headers or {}).get("task")
             if not isinstance(self.app.tasks.get(name), ReliableTask):
                 continue  # not ours: a plain worker may hold it
             action = self.restorer.restore(tag, float(score))
+            if action == "unreadable":
+                done.append(self.dead_letter_unreadable("", None, tag, None))
+                continue
             if action == "restored":
                 action = "restored_unclaimed"
                 self.store.client.hincrby(self.keys.stats, "restored_unclaimed", 1)
@@ -509,12 +539,43 @@ class Reaper:
                     "reaper: gave back %s[%s] (message %s): delivered %.1fs ago and held by "
                     "no live worker (its worker died after its last heartbeat)",
                     name,
-                    (message.headers or {}).get("id"),
+                    headers.get("id"),
                     tag,
                     clock - float(score),
                 )
-            done.append(Recovery("", None, (message.headers or {}).get("id"), name, tag, action))
+            done.append(Recovery("", None, headers.get("id"), name, tag, action))
         return done
+
+    def dead_letter_unreadable(
+        self, wid: str, node: str | None, tag: str, exc: Exception | None
+    ) -> Recovery:
+        """Dead-letter (``malformed``) the ``unacked`` entry ``tag`` that is no message
+        kombu can read, and remove it: restoring it would fail (or push back what no
+        worker can run), and reading it again would fail every pass."""
+        assert self.restorer is not None
+        raw = self.restorer.raw(tag)
+        if raw is None:
+            return Recovery(wid, node, None, None, tag, "gone")
+        entry = record.build(
+            entry_id=entry_id(raw.encode("utf-8", "replace"), tag),
+            task_id=None,
+            task=None,
+            reason="malformed",
+            exc=exc or ValueError("not a message kombu can read"),
+            hostname=node,
+            body=record.body_text(raw),
+        )
+        DeadLetterStore(self.app).add(entry)  # idempotent by entry id: safe to repeat
+        self.restorer.remove(tag, raw)
+        self.store.client.hincrby(self.keys.stats, "dead_lettered", 1)
+        logger.error(
+            "reaper: unacknowledged message %s is not a message kombu can read (%r); "
+            "dead-lettered as 'malformed' (entry %s) and removed",
+            tag,
+            exc,
+            entry.id,
+        )
+        return Recovery(wid, node, None, None, tag, "dead_lettered")
 
     def _recover_worker(self, wid: str, node: str | None) -> list[Recovery]:
         client: Any = self.store.client
@@ -581,6 +642,9 @@ class Reaper:
                     done.append(self._recover_started(wid, node, str(task_id), entry))
                     continue
                 action = self.restorer.restore(tag, not_after)
+                if action == "unreadable":
+                    done.append(self.dead_letter_unreadable(wid, node, tag, None))
+                    continue
                 if action == "restored":
                     action = "restored_prefetched"
                     client.hincrby(self.keys.stats, "restored_prefetched", 1)
@@ -643,6 +707,8 @@ class Reaper:
         if count >= limit:  # orphaned reliable_max_recoveries times (reliable_max_recoveries)
             return self._dead_letter(wid, node, task_id, name, str(tag), started, count)
         action = self.restorer.restore(str(tag), started)
+        if action == "unreadable":
+            return self.dead_letter_unreadable(wid, node, str(tag), None)
         if action == "restored":
             pipe = client.pipeline(transaction=True)
             pipe.set(count_key, count, ex=RECOVERY_COUNT_TTL)
@@ -681,7 +747,10 @@ class Reaper:
         count: int,
     ) -> Recovery:
         assert self.restorer is not None
-        found = self.restorer.read(tag, started)
+        try:
+            found = self.restorer.read(tag, started)
+        except UNREADABLE_ERRORS as exc:
+            return self.dead_letter_unreadable(wid, node, tag, exc)
         if found is None:
             return Recovery(wid, node, task_id, name, tag, "gone", count)
         raw, (message, exchange, routing_key) = found
