@@ -462,12 +462,17 @@ def test_unacked_entries_kombu_cannot_read_are_dead_lettered_not_a_stuck_reaper(
     from celery_reliable.orphans.reaper import Reaper
 
     app = ns.app(orphans.build, reliable_heartbeat_interval=0.5, reliable_worker_timeout=1)
-    _, tags = _fabricate_dead_workers(app, ns, workers=1, per_worker=1)
+    _, tags = _fabricate_dead_workers(app, ns, workers=1, per_worker=2)
     b = broker(ns)
     unacked, index = f"{ns.broker_keyprefix}unacked", f"{ns.broker_keyprefix}unacked_index"
-    # the dead worker's ledger entry now points at an entry kombu cannot read
-    ledgered = json.dumps([{"body": "x", "properties": None}, "", ns.queue])
-    b.hset(unacked, tags[0], ledgered)
+    # the dead worker's ledger entries now point at entries kombu cannot read, or could
+    # read but not restore (its restore drops a message whose headers are no mapping)
+    ledgered = [
+        json.dumps([{"body": "x", "properties": None}, "", ns.queue]),
+        json.dumps([{**json.loads(b.hget(unacked, tags[1]))[0], "headers": None}, "", ns.queue]),
+    ]
+    for tag, raw in zip(tags, ledgered, strict=True):
+        b.hset(unacked, tag, raw)
     # a good message delivered to a worker that died before it reported it (swept)
     app.tasks["orphans.first_slow"].delay("swept", 0)
     conn = app.connection_for_write()
@@ -494,11 +499,11 @@ def test_unacked_entries_kombu_cannot_read_are_dead_lettered_not_a_stuck_reaper(
         reaper.close()
     actions = {r.tag: r.action for r in done}
     assert actions[good.delivery_tag] == "restored_unclaimed"
-    assert {t: actions[t] for t in (*unreadable, tags[0])} == dict.fromkeys(
-        (*unreadable, tags[0]), "dead_lettered"
+    assert {t: actions[t] for t in (*unreadable, *tags)} == dict.fromkeys(
+        (*unreadable, *tags), "dead_lettered"
     )
     dead = DeadLetterStore(app).list(limit=None)
-    assert sorted(e.body or "" for e in dead) == sorted([*unreadable.values(), ledgered])
+    assert sorted(e.body or "" for e in dead) == sorted([*unreadable.values(), *ledgered])
     assert {e.reason for e in dead} == {"malformed"}
     assert b.hlen(unacked) == 0 and b.zcard(index) == 0
     assert b.llen(f"{ns.broker_keyprefix}{ns.queue}") == 1  # the good one, back on its queue

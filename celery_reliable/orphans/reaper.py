@@ -166,6 +166,7 @@ class RedisBrokerRestorer:
                 return
             try:
                 payload, exchange, routing_key = json.loads(bytes_to_str(raw))
+                check_restorable(payload)
                 channel.Message(payload, channel=channel)  # kombu could deliver it again
             except UNREADABLE_ERRORS:
                 outcome[0] = "unreadable"
@@ -252,6 +253,17 @@ class RedisBrokerRestorer:
         with channel.conn_or_acquire() as client:
             client.transaction(transaction, qos.unacked_key)
         return removed[0]
+
+
+def check_restorable(payload: Any) -> None:
+    """Raise TypeError unless kombu can put ``payload`` back on a queue: its restore marks
+    ``headers`` and ``properties.delivery_info`` as redelivered and, when either is not a
+    mapping, logs the error and drops the message (already out of ``unacked``)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict):
+        raise TypeError("not a kombu envelope")
+    for name, part in (("headers", payload), ("delivery_info", payload["properties"])):
+        if name in part and not isinstance(part[name], dict):
+            raise TypeError(f"{name} is {type(part[name]).__name__}, not a mapping")
 
 
 def orphaned_dead_letter(
