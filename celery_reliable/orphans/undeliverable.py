@@ -66,7 +66,8 @@ def entry_id(item: bytes, tag: str | None) -> str:
 
 
 class Undeliverable:
-    """Dead-letters queue entries reliable fetch could not deliver (see the module doc).
+    """Dead-letters the queue entries a worker's Redis consumer (reliable fetch or
+    :class:`GuardedBrpop`) could not deliver (see the module doc).
 
     Parameters:
       app: the worker's app (its dead-letter store).
