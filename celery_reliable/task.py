@@ -249,6 +249,13 @@ class ReliableTask(Task):  # type: ignore[misc]
         except Deferred as exc:
             self._finish(started, Outcome("deferred", exc))
             raise
+        except (Ignore, Reject, Retry) as exc:  # an extension's verdict (drop, requeue...)
+            self._finish(started, Outcome("failed", exc))
+            raise
+        except Exception as exc:
+            self._finish(started, Outcome("failed", exc))
+            self._dead_letter_start_failure(exc)
+            raise
         except BaseException as exc:
             self._finish(started, Outcome("failed", exc))
             raise
@@ -390,6 +397,21 @@ class ReliableTask(Task):  # type: ignore[misc]
             raise requeue(reason_text(rej.reason)) from None
 
     # --- dead letters ---
+
+    def _dead_letter_start_failure(self, exc: Exception) -> None:
+        """An extension could not start this run (a header of the wrong type, a bug): it
+        never ran, and acknowledged as a plain failure it would be gone. Dead-letter it
+        (``malformed``, replayable once fixed). Raises Reject(requeue) if it cannot."""
+        logger.error(
+            "%s[%s] could not start (%r); %s",
+            self.name,
+            self.request.id,
+            exc,
+            "dead-lettering it" if self.dead_letter else "dead_letter=False, so it is dropped",
+        )
+        if self.dead_letter:
+            entry = self.dead_letter_entry(exc, "malformed", tb_module.format_exc())
+            self.record_dead_letter(entry, exc)
 
     def _dead_letter_failure(self, exc: BaseException) -> bool:
         """Write a failed-for-good run to the store. Raises Reject(requeue) if it cannot."""

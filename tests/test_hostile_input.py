@@ -284,3 +284,47 @@ def test_fuzzed_messages_run_or_are_dead_lettered_once(broker, start_worker):
     assert {m: o for m, o in counted.items() if len(o) != 1} == {}
     assert all(o[0] in ("ran", "dead:malformed", "dead:unknown_task") for o in counted.values())
     print(f"fuzz: {len(sent)} messages:", Counter(o[0] for o in counted.values()))
+
+
+# --------------------------------------------------------------------------- own headers
+
+#: Values of the wrong type or range for the package's own headers.
+ODD_VALUES: list[Any] = [5, "abc", -1, 1e300, None, [1], {"a": 1}, True, "", float("nan")]
+OWN_HEADERS = ("x-reliable-slot", "x-reliable-copy", "x-reliable-published", "x-reliable-order")
+
+
+def test_own_headers_of_any_value_never_lose_a_task(ns, start_worker):
+    """Before: an ``x-reliable-slot`` that was no number (``"abc"``, a list, NaN) failed the
+    rate-limited task at start; it was acknowledged as a plain failure, neither run nor
+    dead-lettered. And a rate-limit key function that raises (an order without a tenant)
+    lost its task the same way; it is now dead-lettered as ``malformed``."""
+    from tests.apps import obs
+
+    app = ns.app(obs.build)
+    worker = start_worker("obs", concurrency=2)
+    sent: list[str] = []
+    for value in ODD_VALUES:
+        for header in OWN_HEADERS:
+            for name, args in (("obs.limited", (1,)), ("obs.ordered", ("k", 1)), ("obs.ok", (1,))):
+                sent.append(app.send_task(name, args=args, headers={header: value}).id)
+    keyless = app.tasks["obs.per_tenant"].delay({"id": 7})  # no tenant: the key raises
+    keyed = app.tasks["obs.per_tenant"].delay({"id": 8, "tenant": "acme"})
+    store = DeadLetterStore(app)
+
+    def ended() -> Counter[str]:
+        ran = Counter(e["id"] for e in events(app))
+        ran.update(e.task_id for e in store.list(limit=None))
+        return ran
+
+    everyone = [*sent, keyless.id, keyed.id]
+    wait_for(
+        lambda: set(everyone) <= set(ended()),
+        60,
+        interval=0.2,
+        message=lambda: f"{len(set(everyone) - set(ended()))} tasks never ended",
+    )
+    assert max(ended().values()) == 1  # and none ended twice
+    (dead,) = store.list(limit=None)
+    assert (dead.task_id, dead.reason) == (keyless.id, "malformed")
+    assert dead.exception and "KeyError" in dead.exception
+    assert worker.alive and "Unrecoverable error" not in worker.log()

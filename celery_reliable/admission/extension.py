@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -71,6 +72,24 @@ STATUS_BUCKETS = 100
 STATUS_BREAKERS = 1000
 
 _US = 1_000_000
+#: Largest token slot (µs) an ``x-reliable-slot`` header may hold: exact in Lua's numbers.
+MAX_SLOT_US = 2**53
+
+
+def header_slot(value: Any) -> int:
+    """The token slot an ``x-reliable-slot`` header holds (µs); 0, as if absent, for
+    anything but a whole non-negative number up to :data:`MAX_SLOT_US` (a header set by
+    another producer, or a hostile one, must neither fail the start nor reach Redis)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if not math.isfinite(value) or not 0 <= value <= MAX_SLOT_US:
+        return 0
+    return int(value)
+
+
+def header_copy(value: Any) -> str:
+    """The copy token an ``x-reliable-copy`` header holds; "" (no copy) unless text."""
+    return value if isinstance(value, str) else ""
 
 
 @dataclass(frozen=True)
@@ -180,12 +199,12 @@ class AdmissionExtension:
         keys = [copy_key(store, request.id, level), started_copy_key(store, request.id, level)]
         # ARGV of admit.lua by position (see its header); filled in per feature below
         argv: list[Any] = ["0", 0, 0, 0, "0", 0, 0, request.id, 0, 0, "", 0, "", 0]
-        argv[10] = headers.get(COPY_HEADER, "")
+        argv[10] = header_copy(headers.get(COPY_HEADER))
         if spec.bucket is not None:
             bucket = spec.bucket.bucket_name(args, kwargs, task)
             keys += [bucket_key(store, bucket), bucket_index_key(store)]
-            held = headers.get(SLOT_HEADER) or 0
-            argv[0:4] = ["1", spec.bucket.interval_us, spec.bucket.burst, int(held)]
+            held = header_slot(headers.get(SLOT_HEADER))
+            argv[0:4] = ["1", spec.bucket.interval_us, spec.bucket.burst, held]
             argv[8] = int(MAX_RESERVATION_SECONDS * _US)
             argv[11] = int(SHORT_WAIT_SECONDS * _US)
             argv[12:14] = [bucket, int(BUCKET_INDEX_HORIZON * _US)]

@@ -19,6 +19,7 @@ Examples:
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,7 +109,11 @@ class BucketSpec:
         limit = getattr(task, "global_rate_limit", None)
         name = task.name
         burst_raw = getattr(task, "global_rate_burst", None)
-        key = getattr(task, "global_rate_key", None)
+        # A function set as a task option is a class attribute, and would bind as a method
+        # (the task passed first): read it unbound, as ordering_key is.
+        key = inspect.getattr_static(task, "global_rate_key", None)
+        if isinstance(key, (staticmethod, classmethod)):
+            key = key.__func__
         if limit is None:
             for option, value in (("global_rate_burst", burst_raw), ("global_rate_key", key)):
                 if value is not None:
@@ -152,8 +157,6 @@ class BucketSpec:
 
 
 def _check_parameter(task: Any, param: str) -> None:
-    import inspect
-
     try:
         sig = inspect.signature(task.run)
     except (TypeError, ValueError):
@@ -172,8 +175,6 @@ def _argument(task: Any, param: str, args: tuple[Any, ...], kwargs: dict[str, An
     """The value of parameter ``param`` in a call of ``task`` (positional or keyword)."""
     if param in kwargs:
         return kwargs[param]
-    import inspect
-
     try:
         bound = inspect.signature(task.run).bind_partial(*args, **kwargs)
     except TypeError:

@@ -50,6 +50,18 @@ def build(app: Celery) -> Celery:
         base=ReliableTask,
         bind=True,
         shared=False,
+        name="obs.per_tenant",
+        global_rate_limit=RATE,
+        global_rate_burst=BURST,
+        global_rate_key=lambda order, **kw: order["tenant"],  # KeyError without a tenant
+    )
+    def per_tenant(self: Any, order: dict[str, Any]) -> None:
+        record(app, self, "per_tenant")
+
+    @app.task(
+        base=ReliableTask,
+        bind=True,
+        shared=False,
         name="obs.trickle",
         global_rate_limit="1/m",
         global_rate_burst=1,
