@@ -11,6 +11,7 @@ import json
 import socket
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import pytest
@@ -125,6 +126,17 @@ def test_bad_messages_are_dead_lettered_and_the_worker_keeps_serving(ns, start_w
     assert refused.returncode == 1
     assert "'basic.not_registered' is not registered" in refused.stderr
     assert store.get(unknown.id).reason == "unknown_task"
+
+
+@pytest.mark.parametrize("fetch", ["true", "false"], ids=["reliable-fetch", "kombu-brpop"])
+def test_header_values_arrive_as_kombu_decodes_them(ns, start_worker, fetch):
+    """kombu encodes a datetime header as a typed JSON object and its consumer decodes it
+    back; the Redis consumer that replaces kombu's read must decode entries the same way."""
+    app = ns.app(basic.build)
+    start_worker("basic", concurrency=1, env={"CELERY_RELIABLE_FETCH": fetch})
+    app.send_task("basic.header_type", headers={"x-when": datetime.now(timezone.utc)})
+    (seen,) = wait_for(lambda: events(app, "header_type"), 30)
+    assert seen["type"] == "datetime"
 
 
 def raw_entries(ns: Any) -> list[bytes]:

@@ -106,7 +106,13 @@ def test_unreadable_queue_entries_wait_for_a_failing_store_and_are_never_lost(
     log = "could not dead-letter an undeliverable entry"
     started = time.monotonic()
     wait_for(lambda: worker.log().count(log) >= 1, 30, message=lambda: worker.log()[-3000:])
-    time.sleep(2 * WRITE_PATIENCE)  # a window of failing writes the entries must survive
+    # a full cycle of the recorded entry: a failed write, kept in the fetch record, given
+    # back to its queue by the worker's record check (the unrecorded one cycles meanwhile)
+    wait_for(
+        lambda: f"gave back message {tag}" in worker.log(),
+        30,
+        message=lambda: worker.log()[-3000:],
+    )
     assert worker.alive and "Unrecoverable error" not in worker.log()
 
     def kept(item: bytes) -> bool:  # between its pops, an entry is back on its queue

@@ -172,7 +172,7 @@ class ReliableFetch:
             tag: str | None = None
             self.handed = False
             try:
-                payload = json.loads(bytes_to_str(item))
+                payload = kr.decode_entry(item)
                 if int(recorded):
                     tag = self.recorded = str(payload["properties"]["delivery_tag"])
                 kr.deliver(self.channel, payload, queue)

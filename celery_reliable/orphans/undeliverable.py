@@ -33,7 +33,6 @@ Examples:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 import uuid
@@ -165,7 +164,7 @@ class GuardedBrpop:
             kr.rotate(self.channel, queue)
             self.handed = False
             try:
-                kr.deliver(self.channel, json.loads(bytes_to_str(item)), queue)
+                kr.deliver(self.channel, kr.decode_entry(item), queue)
             except Exception as exc:
                 if self.handed:
                     raise  # the consumer had the message: its own error, as before

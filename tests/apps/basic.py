@@ -92,6 +92,12 @@ def build(app: Celery) -> Celery:
         record(app, self, "started", x=x)
         raise PermanentError(f"pause then fail {x}")
 
+    @app.task(base=ReliableTask, bind=True, shared=False, name="basic.header_type")
+    def header_type(self: Any) -> None:
+        """Records the type of its ``x-when`` header as the worker decoded it."""
+        when = (self.request.headers or {}).get("x-when")
+        record(app, self, "header_type", type=type(when).__name__)
+
     @app.task(
         base=ReliableTask,
         bind=True,

@@ -18,6 +18,7 @@ from typing import Any
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import QoS as VirtualQoS
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads as kombu_loads
 
 #: ``(owner, attribute, how it is used)`` for every private kombu attribute used here.
 TOUCHPOINTS: tuple[tuple[type, str, str], ...] = (
@@ -112,6 +113,16 @@ def done_reading(channel: Any) -> None:
     flush = getattr(channel, "_flush_brpop_reauth", None)
     if flush is not None:
         flush()
+
+
+def decode_entry(item: Any) -> Any:
+    """A popped queue entry decoded as kombu's consumer decodes it (kombu's JSON, which
+    turns typed values such as a datetime header back into their types).
+
+    Raises:
+        ValueError: not JSON (or a typed value that does not decode).
+    """
+    return kombu_loads(bytes_to_str(item))
 
 
 def deliver(channel: Any, payload: dict[str, Any], queue: str) -> None:
